@@ -1,5 +1,13 @@
-"""edl-timm: Elastic Dictionary Learning (EDL) layers and models for timm."""
+"""edl-timm: Elastic Dictionary Learning (EDL) layers and robust models for timm.
+
+Importing the package registers the ``edl_*`` architectures in timm's model registry.
+"""
+from .convert import MODEL_MODES, convert
 from .layers import EDL_MODES, EDLConv2d, EDLLinear, is_edl_layer
+from .models import EDLResNet, EDLVisionTransformer, EDLWideResNet
 
 __version__ = "0.1.0"
-__all__ = ["EDL_MODES", "EDLConv2d", "EDLLinear", "is_edl_layer", "__version__"]
+__all__ = [
+    "EDL_MODES", "MODEL_MODES", "EDLConv2d", "EDLLinear", "EDLResNet", "EDLVisionTransformer",
+    "EDLWideResNet", "convert", "is_edl_layer", "__version__",
+]

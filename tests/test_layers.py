@@ -13,7 +13,9 @@ torch.set_default_dtype(torch.float32)
 
 
 def make_layer(kind, beta, **kw):
-    """A float64 EDL layer in eval mode with balance ``beta`` (0: robust, 1: vanilla, else elastic)."""
+    """A float64 EDL layer in eval mode with balance ``beta`` (0: robust, 1: vanilla, else elastic),
+    coding its input as it is (normalize_input=False), as the method note's recursion does."""
+    kw.setdefault("normalize_input", False)
     mode = {0.0: "robust", 1.0: "vanilla"}.get(beta, "elastic")
     torch.manual_seed(0)
     if kind == "linear":
@@ -72,9 +74,31 @@ def test_forward_matches_dense_recursion(kind, beta, steps, eps, nonneg):
     assert (z != 0).any(), "the test must exercise non-zero codes"
 
 
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_normalized_input_codes_x_over_its_rms_and_rescales(kind):
+    torch.manual_seed(0)
+    if kind == "conv":
+        layer = EDLConv2d(3, 5, 3, stride=2, normalize_input=True).double().eval()
+        x = 7.0 * torch.randn(4, 3, 9, 8, dtype=torch.float64)
+        rms = x.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
+    else:
+        layer = EDLLinear(6, 9, normalize_input=True).double().eval()
+        x = 7.0 * torch.randn(4, 5, 6, dtype=torch.float64)
+        rms = x.pow(2).mean(dim=-1, keepdim=True).sqrt()
+    with torch.no_grad():
+        z = layer(x)
+        layer.normalize_input = False
+        expected = layer(x / rms) * rms
+        torch.testing.assert_close(z, expected, rtol=1e-9, atol=1e-12)
+        layer.normalize_input = True
+        # positively homogeneous (up to the 1e-5 floor added to the RMS)
+        torch.testing.assert_close(layer(3.0 * x), 3.0 * z, rtol=1e-6, atol=1e-9)
+    assert (z > 0).any()
+
+
 def test_bias_is_added_after_coding():
     torch.manual_seed(0)
-    layer = EDLConv2d(3, 4, 3, bias=True).double().eval()
+    layer = EDLConv2d(3, 4, 3, bias=True, normalize_input=False).double().eval()
     with torch.no_grad():
         layer.bias.copy_(torch.arange(4.0))
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
@@ -153,7 +177,13 @@ def test_step_size_follows_the_weights_in_training_only():
     layer(x)
     assert torch.equal(layer.step_size, tau0), "an eval forward must not change the step size"
     layer.train()
+    layer(x)
+    after_change = layer.step_size.clone()
+    layer(x)  # no weight change since: gradient accumulation / checkpoint recompute see the same tau
+    assert torch.equal(layer.step_size, after_change)
     for _ in range(30):
+        with torch.no_grad():
+            layer.weight.mul_(1.0)  # what an optimizer step does to the version counter
         layer(x)
     ref = layer.step_size.clone()
     layer.update_step_size(num_iters=200)
@@ -165,7 +195,7 @@ def test_step_size_follows_the_weights_in_training_only():
 def test_vanilla_reaches_the_lasso_minimiser(nonneg):
     cp = pytest.importorskip("cvxpy")
     torch.manual_seed(0)
-    layer = EDLConv2d(2, 4, 3, mode="vanilla", lam=0.1, nonneg=nonneg).double().eval()
+    layer = EDLConv2d(2, 4, 3, mode="vanilla", lam=0.1, nonneg=nonneg, normalize_input=False).double().eval()
     in_shape = (2, 6, 6)
     layer.update_step_size(input_shape=list(in_shape))
     M = dense_analysis(layer, in_shape)

@@ -28,7 +28,18 @@ Choices where the method note is silent (each with its reason; see README "EDL l
 * beta = sigmoid(``beta_logit``): always strictly inside (0, 1) while learned, smooth, and a
   parameter in every mode so the state dict does not change when the mode switches
   (vanilla first, elastic later, as in the paper).
-* eps (the floor of the smoothed sign) = 1e-3: the authors' earlier robust-layer value.
+* the input is coded at unit scale (``normalize_input=True``): the layer codes x / s and returns
+  s * code, with s the input's RMS per sample (per vector for linear layers). The layer is then
+  positively homogeneous like a convolution (EDL(c x) = c EDL(x), c > 0), and eps and lam are
+  relative to the feature scale instead of absolute numbers whose meaning changes from layer to
+  layer. ``normalize_input=False`` runs the method note's recursion on x itself.
+* eps = 0.1: ``r / max(|r|, eps)`` is clamp(r / eps, -1, 1), so the reweighted residual is the
+  derivative of a Huber loss: l2 for residuals under eps, l1 (bounded influence) above. With the
+  authors' 1e-3 the clamp is a near-step of slope (1-beta)/(2 eps) = 250: the network becomes an
+  almost discontinuous function of its input (fp32 and fp64 logits of an elastic WRN differ by 10%
+  of their scale), gradients are spikes or zeros, and training fails (benchmarks/learnability.py).
+  At 0.1 of the input's RMS only the residuals that stand out (outliers, such as a perturbation
+  concentrated on a few features) get the l1 treatment, and the network trains as its plain twin.
 * step size tau = 0.9 / L with L = ||A||^2 from power iteration on A A* in the input space (SDNet's
   0.9: power iteration approaches L from below, so the margin keeps tau below 1/L). It is a buffer:
   recomputed to convergence at construction and from ``from_conv``/``from_linear``, refined by one
@@ -39,14 +50,14 @@ Speed: tau, the balance constant of the reweighting and the threshold are folded
 weight and bias, so a step costs the two convolutions plus four elementwise passes (residual,
 hardtanh, lerp, add) and the threshold is fused into the convolution's bias.
 """
-from __future__ import annotations
-
 import math
 from typing import List, Optional, Tuple
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 __all__ = ["EDLConv2d", "EDLLinear", "EDL_MODES", "is_edl_layer"]
 
@@ -55,10 +66,13 @@ EDL_MODES = ("elastic", "vanilla", "robust")
 DEFAULT_NUM_ITERS = 2
 DEFAULT_LAM = 0.1
 DEFAULT_BETA_INIT = 0.5
-DEFAULT_EPS = 1e-3
+DEFAULT_EPS = 0.1
 DEFAULT_NONNEG = True
+DEFAULT_NORMALIZE_INPUT = True
+SCALE_FLOOR = 1e-5  # added (in quadrature) to the input RMS so that an all-zero input stays finite
 STEP_FACTOR = 0.9
-POWER_ITERS_INIT = 50  # iterations when the step size is computed from scratch
+POWER_ITERS_INIT = 50  # iterations when the step size is computed from scratch at a new input size
+POWER_ITERS_CONSTRUCT = 20  # at construction: a rough value (random weights; training refines it)
 
 
 def _check_edl_args(mode: str, num_iters: int, lam: float, beta_init: float, eps: float) -> None:
@@ -117,6 +131,57 @@ def _reweight(r: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return _Reweight.apply(r, w, eps)
 
 
+def _check_conv_input(x: torch.Tensor, in_channels: int) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"EDLConv2d expects a 4-D input (N, C, H, W), got a {x.dim()}-D tensor of shape {x.shape}")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"EDLConv2d expected {in_channels} input channels, got {x.shape[1]}")
+
+
+def _check_linear_input(x: torch.Tensor, in_features: int) -> None:
+    if x.dim() < 1:
+        raise ValueError("EDLLinear expects an input of shape (*, in_features), got a 0-D tensor")
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"EDLLinear expected {in_features} input features in the last dimension, got {x.shape[-1]} "
+            f"(input shape {x.shape})"
+        )
+
+
+def _output_padding(
+    in_hw: List[int], code_hw: List[int], stride: Tuple[int, int], padding: Tuple[int, int],
+    dilation: Tuple[int, int], kernel_size: Tuple[int, int],
+) -> List[int]:
+    """output_padding that makes conv_transpose2d return ``in_hw`` from a code of size ``code_hw``."""
+    pads: List[int] = []
+    for i in range(2):
+        base = (code_hw[i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel_size[i] - 1) + 1
+        op = in_hw[i] - base
+        if op < 0 or op >= max(stride[i], dilation[i]):
+            raise ValueError(f"a code of spatial size {code_hw} does not come from an input of size {in_hw}")
+        pads.append(op)
+    return pads
+
+
+def _conv_synthesize(
+    z: torch.Tensor, weight: torch.Tensor, like: torch.Tensor, stride: Tuple[int, int], padding: Tuple[int, int],
+    dilation: Tuple[int, int], kernel_size: Tuple[int, int], groups: int,
+) -> torch.Tensor:
+    """A*(z) = conv_transpose2d sized like ``like``'s spatial dimensions."""
+    out_pad = _output_padding(
+        [like.shape[-2], like.shape[-1]], [z.shape[-2], z.shape[-1]], stride, padding, dilation, kernel_size
+    )
+    return F.conv_transpose2d(z, weight, None, stride, padding, out_pad, groups, dilation)
+
+
+# Shape checks and shape-dependent padding read tensor sizes, and the hand-written backward must
+# survive tracing: torch.fx records these as calls instead of tracing into them.
+torch.fx.wrap("_reweight")
+torch.fx.wrap("_check_conv_input")
+torch.fx.wrap("_check_linear_input")
+torch.fx.wrap("_conv_synthesize")
+
+
 class _EDLMixin:
     """The RISTA solver, shared by the conv and linear layers.
 
@@ -131,9 +196,11 @@ class _EDLMixin:
     eps: float
     nonneg: bool
     normalize_atoms: bool
+    normalize_input: bool
 
-    def _init_edl(self, mode, num_iters, lam, beta_init, eps, nonneg, normalize_atoms):
+    def _init_edl(self, mode, num_iters, lam, beta_init, eps, nonneg, normalize_atoms, normalize_input):
         _check_edl_args(mode, num_iters, lam, beta_init, eps)
+        self.normalize_input = bool(normalize_input)
         self.mode = mode
         self.num_iters = int(num_iters)
         self.lam = float(lam)
@@ -149,11 +216,23 @@ class _EDLMixin:
         # Power-iteration vector: derived state, kept out of the state dict (its shape follows the
         # input size seen in training).
         self.register_buffer("_power_u", torch.empty(0, device=w.device), persistent=False)
-        self.update_step_size()
+        self._weight_version = -1
+        self.update_step_size(num_iters=POWER_ITERS_CONSTRUCT)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
         if hasattr(self, "step_size"):  # nn.Conv2d/Linear.__init__ call this before _init_edl
+            self.update_step_size(num_iters=POWER_ITERS_CONSTRUCT)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """Also accepts a plain nn.Conv2d / nn.Linear state dict: beta then keeps its initial value
+        and the step size is computed from the loaded weight (a stored one is used as it is)."""
+        has_step = prefix + "step_size" in state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        for key in ("beta_logit", "step_size"):
+            if prefix + key in missing_keys:
+                missing_keys.remove(prefix + key)
+        if not has_step and prefix + "weight" in state_dict:
             self.update_step_size()
 
     # ----------------------------------------------------------------------------------- config
@@ -177,7 +256,7 @@ class _EDLMixin:
         w = self.weight
         if not self.normalize_atoms:
             return w
-        inv_norm = w.flatten(1).norm(dim=1).clamp_min(1e-12).reciprocal()
+        inv_norm = w.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).reciprocal()
         return w * inv_norm.view([-1] + [1] * (w.dim() - 1))
 
     # ----------------------------------------------------------------------------- operators
@@ -212,15 +291,33 @@ class _EDLMixin:
         self._power_u = u / u.norm().clamp_min(1e-12)
         self.step_size.copy_(STEP_FACTOR / lip.clamp_min(1e-12))  # no .item(): no sync, no graph break
 
+    def _refresh_step_size(self, x: torch.Tensor) -> None:
+        """One warm-started power iteration per change of the weight (an optimizer step, a load).
+
+        Keyed on the weight's version counter, so that gradient accumulation and the recomputed
+        forward of activation checkpointing see the same step size as the first forward.
+        """
+        version = self.weight._version
+        shape = self._power_shape(x)
+        if version == self._weight_version and list(self._power_u.shape[1:]) == shape:
+            return
+        self.update_step_size(input_shape=shape)
+        self._weight_version = self.weight._version
+
     # ----------------------------------------------------------------------------------- solver
     def forward(self, x: torch.Tensor, num_iters: Optional[int] = None) -> torch.Tensor:
         self._check_input(x)
         steps = self.num_iters if num_iters is None else num_iters
         if steps < 1:
             raise ValueError(f"num_iters must be >= 1, got {steps}")
-        if self.training:
-            self.update_step_size(input_shape=self._power_shape(x))
-        z = self.solve(x, steps)
+        if not torch.jit.is_scripting():  # scripted and fx-traced graphs keep the step size as it is
+            if self.training and not is_fx_symbolic_tracing():
+                self._refresh_step_size(x)
+        if self.normalize_input:
+            scale = self._input_scale(x)
+            z = self.solve(x / scale, steps) * scale
+        else:
+            z = self.solve(x, steps)
         if self.bias is not None:
             z = z + self._bias_view(self.bias)
         return z
@@ -259,7 +356,7 @@ class _EDLMixin:
         weight = self.weight
         tau = self.step_size.to(weight.dtype)
         if self.normalize_atoms:
-            inv_norm = weight.flatten(1).norm(dim=1).clamp_min(1e-12).reciprocal()
+            inv_norm = weight.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).reciprocal()
         else:
             inv_norm = torch.ones(weight.shape[0], dtype=weight.dtype, device=weight.device)
         shape = [-1] + [1] * (weight.dim() - 1)
@@ -287,7 +384,7 @@ class _EDLMixin:
     def _edl_repr(self) -> str:
         return (
             f"mode={self.mode}, num_iters={self.num_iters}, lam={self.lam}, eps={self.eps}, "
-            f"nonneg={self.nonneg}, normalize_atoms={self.normalize_atoms}"
+            f"nonneg={self.nonneg}, normalize_atoms={self.normalize_atoms}, normalize_input={self.normalize_input}"
         )
 
 
@@ -316,6 +413,7 @@ class EDLConv2d(_EDLMixin, nn.Conv2d):
         eps: float = DEFAULT_EPS,
         nonneg: bool = DEFAULT_NONNEG,
         normalize_atoms: bool = True,
+        normalize_input: bool = DEFAULT_NORMALIZE_INPUT,
         device=None,
         dtype=None,
     ):
@@ -330,10 +428,10 @@ class EDLConv2d(_EDLMixin, nn.Conv2d):
             in_channels, out_channels, k, stride=s, padding=padding, dilation=d, groups=groups,
             bias=bias, padding_mode="zeros", device=device, dtype=dtype,
         )
-        self._init_edl(mode, num_iters, lam, beta_init, eps, nonneg, normalize_atoms)
+        self._init_edl(mode, num_iters, lam, beta_init, eps, nonneg, normalize_atoms, normalize_input)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, **kwargs) -> "EDLConv2d":
+    def from_conv(cls, conv: nn.Conv2d, **kwargs):
         """An EDL layer with ``conv``'s geometry whose dictionary (and bias) start from its weights."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}")
@@ -355,38 +453,28 @@ class EDLConv2d(_EDLMixin, nn.Conv2d):
         return layer
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError(
-                f"EDLConv2d expects a 4-D input (N, C, H, W), got a {x.dim()}-D tensor of shape {tuple(x.shape)}"
-            )
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"EDLConv2d expected {self.in_channels} input channels, got {x.shape[1]}")
+        _check_conv_input(x, self.in_channels)
+
+    def _input_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample RMS of the input, (N, 1, 1, 1)."""
+        n = x.shape[1] * x.shape[2] * x.shape[3]
+        rms = torch.linalg.vector_norm(x, dim=(1, 2, 3), keepdim=True) * (1.0 / math.sqrt(n))
+        return torch.sqrt(rms * rms + 1e-10)  # SCALE_FLOOR**2 (a literal: TorchScript reads no globals)
 
     def _power_shape(self, x: Optional[torch.Tensor]) -> List[int]:
         if x is not None:
             return [self.in_channels, x.shape[-2], x.shape[-1]]
         if self._power_u.numel() > 0:
             return list(self._power_u.shape[1:])
-        return [self.in_channels, 8, 8]  # a cheap reference until a training input fixes the size
+        # a cheap reference size until a training input fixes it (at least two kernel extents)
+        hw = [max(8, 2 * (self.dilation[i] * (self.kernel_size[i] - 1) + 1), 2 * self.stride[i]) for i in range(2)]
+        return [self.in_channels, hw[0], hw[1]]
 
     def _analyze(self, r: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         return F.conv2d(r, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _synthesize(self, z: torch.Tensor, weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        out_pad = self._output_padding_for(like.shape[-2:], z.shape[-2:])
-        return F.conv_transpose2d(z, weight, None, self.stride, self.padding, out_pad, self.groups, self.dilation)
-
-    def _output_padding_for(self, in_hw: List[int], code_hw: List[int]) -> Tuple[int, int]:
-        pads: List[int] = []
-        for i in range(2):
-            base = (code_hw[i] - 1) * self.stride[i] - 2 * self.padding[i] + self.dilation[i] * (self.kernel_size[i] - 1) + 1
-            op = in_hw[i] - base
-            if op < 0 or op >= max(self.stride[i], self.dilation[i]):
-                raise ValueError(
-                    f"a code of spatial size {tuple(code_hw)} does not come from an input of size {tuple(in_hw)}"
-                )
-            pads.append(op)
-        return pads[0], pads[1]
+        return _conv_synthesize(z, weight, like, self.stride, self.padding, self.dilation, self.kernel_size, self.groups)
 
     def synthesize(self, z: torch.Tensor, output_size: Optional[List[int]] = None) -> torch.Tensor:
         """A*(z): code (N, C_out, h, w) -> input space (N, C_in, H, W).
@@ -397,8 +485,8 @@ class EDLConv2d(_EDLMixin, nn.Conv2d):
         w = self.dictionary()
         if output_size is None:
             return F.conv_transpose2d(z, w, None, self.stride, self.padding, 0, self.groups, self.dilation)
-        hw = list(output_size)[-2:]
-        out_pad = self._output_padding_for(hw, z.shape[-2:])
+        hw = [int(v) for v in list(output_size)[-2:]]
+        out_pad = _output_padding(hw, list(z.shape[-2:]), self.stride, self.padding, self.dilation, self.kernel_size)
         return F.conv_transpose2d(z, w, None, self.stride, self.padding, out_pad, self.groups, self.dilation)
 
     def _bias_view(self, bias: torch.Tensor) -> torch.Tensor:
@@ -424,14 +512,15 @@ class EDLLinear(_EDLMixin, nn.Linear):
         eps: float = DEFAULT_EPS,
         nonneg: bool = DEFAULT_NONNEG,
         normalize_atoms: bool = True,
+        normalize_input: bool = DEFAULT_NORMALIZE_INPUT,
         device=None,
         dtype=None,
     ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_edl(mode, num_iters, lam, beta_init, eps, nonneg, normalize_atoms)
+        self._init_edl(mode, num_iters, lam, beta_init, eps, nonneg, normalize_atoms, normalize_input)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs) -> "EDLLinear":
+    def from_linear(cls, linear: nn.Linear, **kwargs):
         """An EDL layer whose dictionary (and bias) start from ``linear``'s weights."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
@@ -447,13 +536,12 @@ class EDLLinear(_EDLMixin, nn.Linear):
         return layer
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() < 1:
-            raise ValueError("EDLLinear expects an input of shape (*, in_features), got a 0-D tensor")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"EDLLinear expected {self.in_features} input features in the last dimension, "
-                f"got {x.shape[-1]} (input shape {tuple(x.shape)})"
-            )
+        _check_linear_input(x, self.in_features)
+
+    def _input_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """RMS over the features of each input vector, (*, 1)."""
+        rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True) * (1.0 / math.sqrt(x.shape[-1]))
+        return torch.sqrt(rms * rms + 1e-10)  # SCALE_FLOOR**2 (a literal: TorchScript reads no globals)
 
     def _power_shape(self, x: Optional[torch.Tensor]) -> List[int]:
         return [self.in_features]

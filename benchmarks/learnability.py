@@ -1,0 +1,127 @@
+"""Does an EDL network train? EDL variants against their plain twin, same data, recipe and epochs.
+
+The configuration of the learnability report in the model-families issue: a narrow CIFAR ResNet
+(timm's 64-channel stem, then 16-32-64-128 channels, one block per stage), a fixed random N images of the
+shared CIFAR-10 training split, batch 128, SGD (momentum 0.9, nesterov, wd 5e-4) with a one-cycle
+lr peaking at 0.1; natural or FGSM-RS (eps 8/255, alpha 10/255) training. Reports clean and PGD-20
+(L-inf 8/255, step 2/255, random start) accuracy on a fixed random subset of the test split (the
+JPEG CIFAR-10 copy in shared/data), and each EDL layer's learned beta.
+
+    python benchmarks/learnability.py --data ../shared/data/cifar10 --adv none \
+        --variant plain:mode=none --variant edl:mode=elastic
+"""
+import argparse
+import json
+import time
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import edl_timm
+from edl_timm.attacks import Normalized, fgsm_rs, pgd
+from edl_timm.data import load_image_split, random_crop_flip, stratified_indices
+
+
+def parse_variant(text):
+    name, _, rest = text.partition(":")
+    kwargs = {}
+    for item in filter(None, rest.split(",")):
+        k, v = item.split("=")
+        kwargs[k] = json.loads(v) if v[:1].isdigit() or v in ("true", "false") or v[:1] == "-" else v
+    return name, kwargs
+
+
+def build(kwargs, seed):
+    torch.manual_seed(seed)
+    model = timm.create_model("edl_resnet18", layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), **kwargs)
+    cfg = model.pretrained_cfg
+    return Normalized(model, cfg["mean"], cfg["std"])
+
+
+def evaluate(net, x, y, batch=250, pgd_steps=20):
+    net.eval()
+    clean = robust = 0
+    g = torch.Generator().manual_seed(0)
+    for i in range(0, len(x), batch):
+        xb, yb = x[i:i + batch], y[i:i + batch]
+        with torch.no_grad():
+            clean += (net(xb).argmax(1) == yb).sum().item()
+        if pgd_steps:
+            adv = pgd(net, xb, yb, 8 / 255, 2 / 255, pgd_steps, generator=g)
+            with torch.no_grad():
+                robust += (net(adv).argmax(1) == yb).sum().item()
+    return clean / len(x), robust / len(x)
+
+
+def train(net, x_u8, y, args):
+    steps_per_epoch = len(x_u8) // args.batch_size
+    total = steps_per_epoch * args.epochs
+    opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total, pct_start=0.25)
+    g = torch.Generator().manual_seed(args.seed)
+    losses = []
+    for epoch in range(args.epochs):
+        net.train()
+        order = torch.randperm(len(x_u8), generator=g)
+        for s in range(steps_per_epoch):
+            idx = order[s * args.batch_size:(s + 1) * args.batch_size]
+            xb = random_crop_flip(x_u8[idx], generator=g).float() / 255
+            yb = y[idx]
+            if args.adv == "fgsm":
+                xb = fgsm_rs(net, xb, yb, 8 / 255, 10 / 255, generator=g)
+            loss = F.cross_entropy(net(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        print(f"    epoch {epoch + 1}: loss {sum(losses[-steps_per_epoch:]) / steps_per_epoch:.3f}", flush=True)
+    return losses
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="../shared/data/cifar10")
+    ap.add_argument("--train-n", type=int, default=10000)
+    ap.add_argument("--eval-n", type=int, default=500)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--adv", choices=["none", "fgsm"], default="none")
+    ap.add_argument("--pgd-steps", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variant", action="append", required=True, help="name:key=value,... (model kwargs)")
+    args = ap.parse_args()
+
+    # both splits of the JPEG copy are sorted by class: take fixed random subsets, not the first N
+    x_train, y_train = load_image_split(args.data, "train")
+    idx = stratified_indices(y_train, args.train_n, seed=1)
+    x_train, y_train = x_train[idx], y_train[idx]
+    x_test, y_test = load_image_split(args.data, "test")
+    idx = stratified_indices(y_test, args.eval_n)
+    x_test, y_test = x_test[idx].float() / 255, y_test[idx]
+    print(f"{len(x_train)} train images, {len(x_test)} test images (JPEG CIFAR-10 copy), adv={args.adv}, "
+          f"{args.epochs} epochs", flush=True)
+    rows = []
+    for text in args.variant:
+        name, kwargs = parse_variant(text)
+        net = build(kwargs, args.seed)
+        t0 = time.time()
+        print(f"{name} {kwargs}", flush=True)
+        losses = train(net, x_train, y_train, args)
+        train_s = time.time() - t0
+        clean, robust = evaluate(net, x_test, y_test, pgd_steps=args.pgd_steps)
+        betas = [round(m.beta.item(), 3) for m in net.modules() if edl_timm.is_edl_layer(m)]
+        row = dict(variant=name, kwargs=kwargs, adv=args.adv, clean=clean, pgd20=robust,
+                   final_loss=sum(losses[-10:]) / 10, train_s=round(train_s), betas=betas)
+        rows.append(row)
+        print("RESULT " + json.dumps(row), flush=True)
+    print(f"\n{'variant':<16} {'clean':>6} {'PGD-20':>6} {'loss':>6} {'train s':>7}  betas")
+    for r in rows:
+        print(f"{r['variant']:<16} {100 * r['clean']:6.1f} {100 * r['pgd20']:6.1f} {r['final_loss']:6.3f} "
+              f"{r['train_s']:7d}  {r['betas']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Attacks in [0, 1] pixel space, shared by training (FGSM-RS, PGD-AT) and evaluation (PGD).
+
+Models take pixels in [0, 1]; wrap a timm model with ``Normalized`` so the normalisation of its
+pretrained config runs inside the attacked function.
+"""
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["Normalized", "pgd", "fgsm_rs"]
+
+
+class Normalized(nn.Module):
+    """(x in [0, 1]) -> model((x - mean) / std)."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def _project(delta: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    if norm == "Linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        flat = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+        delta = delta * (eps / flat).clamp(max=1.0).view(-1, 1, 1, 1)
+    return (x + delta).clamp(0, 1) - x
+
+
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    norm: str = "Linf",
+    random_start: bool = True,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Untargeted PGD on the cross-entropy (Madry et al.): adversarial x in [0, 1] within the eps-ball."""
+    if norm not in ("Linf", "L2"):
+        raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
+    x = x.detach()
+    if random_start:
+        delta = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
+        if norm == "L2":
+            delta = delta / delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * eps
+        delta = _project(delta * eps if norm == "Linf" else delta, x, eps, norm)
+    else:
+        delta = torch.zeros_like(x)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = F.cross_entropy(model(x + delta), y)
+        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            if norm == "Linf":
+                step = alpha * grad.sign()
+            else:
+                step = alpha * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            delta = _project(delta + step, x, eps, norm)
+    return (x + delta).detach()
+
+
+def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: Optional[float] = None,
+            generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """FGSM with a random start ("Fast is better than free", Wong et al. 2020), alpha = 1.25 eps."""
+    return pgd(model, x, y, eps, 1.25 * eps if alpha is None else alpha, 1, generator=generator)

@@ -1,0 +1,55 @@
+"""Shared pieces of the EDL model families: the pretrained-config template and the builder."""
+from typing import Any, Dict
+
+from timm.models import build_model_with_cfg
+from timm.models._builder import resolve_pretrained_cfg
+
+from ..convert import split_edl_args
+
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "PAPER_ID", "cifar_cfg", "build_edl_model"]
+
+# Per-channel statistics of the CIFAR-10 training images in [0, 1].
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+PAPER_ID = "arXiv:2502.00834"
+
+
+def cifar_cfg(**kwargs) -> Dict[str, Any]:
+    """timm pretrained config for a 32x32, 10-class CIFAR model."""
+    return {
+        "url": "",
+        "num_classes": 10,
+        "input_size": (3, 32, 32),
+        "pool_size": (4, 4),
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": CIFAR10_MEAN,
+        "std": CIFAR10_STD,
+        "first_conv": "conv1",
+        "classifier": "fc",
+        "license": "apache-2.0",
+        "paper_ids": PAPER_ID,
+        **kwargs,
+    }
+
+
+def _has_weights(cfg) -> bool:
+    return any(getattr(cfg, k, None) for k in ("url", "file", "hf_hub_id", "state_dict"))
+
+
+def build_edl_model(model_cls, variant: str, pretrained: bool = False, **kwargs):
+    """``build_model_with_cfg`` plus what the EDL families add: EDL arguments are split off and
+    handed to the model as ``edl_args``, and ``pretrained=True`` without published weights is an
+    error (timm itself only logs a warning and returns random weights)."""
+    if pretrained:
+        cfg = resolve_pretrained_cfg(
+            variant, pretrained_cfg=kwargs.get("pretrained_cfg"), pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")
+        )
+        if not _has_weights(cfg):
+            raise RuntimeError(
+                f"no pretrained weights are published for {variant!r} (tag {cfg.tag or 'default'!r}) yet: "
+                "create it with pretrained=False, or load a checkpoint with "
+                "timm.create_model('local-dir:/path/to/folder') or 'hf-hub:org/name'"
+            )
+    edl_args = split_edl_args(kwargs)
+    return build_model_with_cfg(model_cls, variant, pretrained, edl_args=edl_args, **kwargs)

@@ -1,0 +1,226 @@
+"""EDL WideResNet: the pre-activation WideResNet of the robustness literature, with EDL convolutions.
+
+Wide Residual Networks (Zagoruyko & Komodakis, arXiv:1605.07146), in the form RobustBench and
+most adversarial-training papers use (WRN-28-10, WRN-34-10: 16-160-320-640 channels, pre-activation
+blocks, 1x1 shortcut on the pre-activated input where the shape changes); EDL layers from
+Boosting Adversarial Robustness and Generalization with Structural Prior (Hou et al., arXiv:2502.00834).
+
+timm has no pre-activation WideResNet, so the blocks are written here; the stem and every 3x3
+convolution become EDL convolutions through ``edl_timm.convert`` (1x1 shortcuts stay plain).
+"""
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, create_classifier
+from timm.models._features import feature_take_indices
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
+
+from ..convert import convert
+from ._builder import build_edl_model, cifar_cfg
+
+__all__ = ["EDLWideResNet"]
+
+
+class PreActBasicBlock(nn.Module):
+    """BN-ReLU-conv3x3-BN-ReLU-(dropout)-conv3x3, plus identity or a 1x1 conv of the pre-activation."""
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        stride: int = 1,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        act_layer=nn.ReLU,
+        norm_layer=nn.BatchNorm2d,
+    ):
+        super().__init__()
+        self.bn1 = norm_layer(in_chs)
+        self.act1 = act_layer(inplace=True)
+        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = norm_layer(out_chs)
+        self.act2 = act_layer(inplace=True)
+        self.drop = nn.Dropout(drop_rate)
+        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, stride=1, padding=1, bias=False)
+        self.shortcut = (
+            nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False) if in_chs != out_chs or stride != 1 else None
+        )
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.act1(self.bn1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(pre)
+        x = self.conv1(pre)
+        x = self.drop(self.act2(self.bn2(x)))
+        x = self.conv2(x)
+        return self.drop_path(x) + shortcut
+
+
+class EDLWideResNet(nn.Module):
+    """Pre-activation WideResNet-depth-k for 32x32 inputs: (N, 3, 32, 32) -> (N, num_classes).
+
+    ``mode``: ``"elastic"`` (default), ``"vanilla"``, ``"robust"``, or ``"none"`` for the plain twin.
+    """
+
+    def __init__(
+        self,
+        depth: int = 28,
+        widen_factor: int = 10,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        block_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        act_layer=nn.ReLU,
+        norm_layer=nn.BatchNorm2d,
+        mode: str = "elastic",
+        edl_args: Optional[Dict[str, Any]] = None,
+    ):
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n + 4 with n >= 1 (10, 16, 28, 34, ...), got {depth}")
+        blocks_per_stage = (depth - 4) // 6
+        widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+
+        self.conv1 = nn.Conv2d(in_chans, 16, 3, stride=1, padding=1, bias=False)
+        self.feature_info = [dict(num_chs=16, reduction=1, module="conv1")]
+        dpr = torch.linspace(0, drop_path_rate, 3 * blocks_per_stage).tolist()
+        stages, in_chs, reduction = [], 16, 1
+        for i, (width, stride) in enumerate(zip(widths, (1, 2, 2))):
+            blocks = []
+            for j in range(blocks_per_stage):
+                blocks.append(PreActBasicBlock(
+                    in_chs, width, stride if j == 0 else 1, drop_rate=block_drop_rate,
+                    drop_path_rate=dpr[i * blocks_per_stage + j], act_layer=act_layer, norm_layer=norm_layer,
+                ))
+                in_chs = width
+            reduction *= stride
+            stages.append(nn.Sequential(*blocks))
+            # the last level is read after the final norm + act, as forward_features returns it
+            self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f"stages.{i}" if i < 2 else "act"))
+        self.stages = nn.Sequential(*stages)
+        self.norm = norm_layer(in_chs)
+        self.act = act_layer(inplace=True)
+        self.num_features = self.head_hidden_size = in_chs
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self._init_weights()
+        self.edl_cfg = dict(mode=mode, **(edl_args or {}))
+        convert(self, mode=mode, inplace=True, **(edl_args or {}))
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r"^conv1", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.global_pool, self.fc = create_classifier(
+            self.num_features, num_classes, pool_type=global_pool if global_pool is not None else "avg"
+        )
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Features of the levels in ``feature_info`` (stem, stage 1, stage 2, stage 3 after the final
+        norm + act), as ``features_only`` returns them."""
+        assert output_fmt == "NCHW", "Output shape must be NCHW."
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        x = self.conv1(x)
+        if 0 in take_indices:
+            intermediates.append(x)
+        stages = self.stages if not stop_early else self.stages[:max_index]
+        last = len(self.stages)
+        for i, stage in enumerate(stages, start=1):
+            x = checkpoint_seq(stage, x) if self.grad_checkpointing and not torch.jit.is_scripting() else stage(x)
+            if i == last:
+                x = self.act(self.norm(x))
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        self.stages = self.stages[:max_index]
+        if max_index < len(self.feature_info) - 1:
+            self.norm = nn.Identity()
+            self.act = nn.Identity()
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.stages, x, flatten=True)
+        else:
+            x = self.stages(x)
+        return self.act(self.norm(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = nn.functional.dropout(x, p=float(self.drop_rate), training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _create_edl_wrn(variant: str, pretrained: bool = False, **kwargs) -> EDLWideResNet:
+    return build_edl_model(
+        EDLWideResNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)), **kwargs
+    )
+
+
+default_cfgs = generate_default_cfgs({
+    "edl_wide_resnet28_10": cifar_cfg(pool_size=(8, 8)),
+    "edl_wide_resnet34_10": cifar_cfg(pool_size=(8, 8)),
+})
+
+
+@register_model
+def edl_wide_resnet28_10(pretrained: bool = False, **kwargs) -> EDLWideResNet:
+    """EDL WideResNet-28-10 (pre-activation), CIFAR."""
+    model_args = dict(depth=28, widen_factor=10)
+    return _create_edl_wrn("edl_wide_resnet28_10", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def edl_wide_resnet34_10(pretrained: bool = False, **kwargs) -> EDLWideResNet:
+    """EDL WideResNet-34-10 (pre-activation), CIFAR."""
+    model_args = dict(depth=34, widen_factor=10)
+    return _create_edl_wrn("edl_wide_resnet34_10", pretrained, **dict(model_args, **kwargs))

@@ -1,0 +1,228 @@
+"""The edl_* architectures behave as timm's model test-suite demands of a timm model."""
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import edl_timm
+from edl_timm import EDLConv2d, EDLLinear, is_edl_layer
+
+# small sizes on CPU: each family's own code paths, fewer or narrower blocks
+SMALL = {
+    "edl_resnet18": {},
+    "edl_resnet34": {},
+    "edl_resnet50": {},
+    "edl_wide_resnet28_10": dict(widen_factor=1),
+    "edl_wide_resnet34_10": dict(widen_factor=1),
+    "edl_vit_tiny_patch4_32": dict(depth=3),
+    "edl_vit_small_patch16_224": dict(depth=3),
+}
+ARCHS = sorted(SMALL)
+CNNS = [a for a in ARCHS if "vit" not in a]
+
+
+def create(name, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return timm.create_model(name, **dict(SMALL[name], **kwargs))
+
+
+def sample_input(model, batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *model.pretrained_cfg["input_size"], generator=g)
+
+
+def test_registry_lists_every_architecture():
+    assert set(timm.list_models("edl_*")) == set(ARCHS)
+    for name in ARCHS:
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert cfg.paper_ids == "arXiv:2502.00834"
+        assert cfg.license and cfg.first_conv and cfg.classifier and cfg.mean and cfg.std
+        assert not (cfg.hf_hub_id or cfg.url or cfg.file), "no tag may claim weights before they exist"
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_pretrained_without_weights_is_a_clear_error(name):
+    with pytest.raises(RuntimeError, match=f"no pretrained weights are published for '{name}'.*local-dir"):
+        timm.create_model(name, pretrained=True, **SMALL[name])
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_eval_forward_is_finite_and_deterministic(name):
+    model = create(name).eval()
+    x = sample_input(model)
+    with torch.no_grad():
+        out = model(x)
+        again = model(x)
+    assert out.shape == (2, model.pretrained_cfg["num_classes"])
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, again)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_backward_reaches_every_parameter(name):
+    model = create(name, num_classes=42).train()
+    out = model(sample_input(model))
+    assert out.shape == (2, 42)
+    out.mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"no gradient reached {missing}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_grad_checkpointing_gives_the_same_output_and_gradients(name):
+    x = sample_input(create(name))
+    results = []
+    for checkpointing in (False, True):
+        model = create(name).train()
+        model.set_grad_checkpointing(checkpointing)
+        out = model(x)
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (out_a, grads_a), (out_b, grads_b) = results
+    torch.testing.assert_close(out_a, out_b)
+    for n in grads_a:
+        torch.testing.assert_close(grads_a[n], grads_b[n], msg=n)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_forward_features_and_head_shapes(name):
+    model = create(name).eval()
+    x = sample_input(model)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        pre = model.forward_head(feats, pre_logits=True)
+    if "vit" in name:
+        assert feats.shape[-1] == model.num_features
+    else:
+        assert feats.shape[1] == model.num_features
+        assert tuple(feats.shape[-2:]) == tuple(model.pretrained_cfg["pool_size"])
+    assert pre.shape == (2, model.head_hidden_size)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_classifier_reset_and_unpooled_output(name):
+    model = create(name).eval()
+    x = sample_input(model)
+    model.reset_classifier(0)
+    with torch.no_grad():
+        assert model(x).shape == (2, model.num_features)
+    model.reset_classifier(0, "")
+    with torch.no_grad():
+        out = model(x)
+    unpooled_dims = 3 if "vit" in name else 4
+    assert out.dim() == unpooled_dims
+    bare = create(name, num_classes=0, global_pool="").eval()
+    with torch.no_grad():
+        assert bare(x).dim() == unpooled_dims
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_first_conv_and_classifier_name_state_dict_keys(name):
+    model = create(name)
+    keys = model.state_dict().keys()
+    cfg = model.pretrained_cfg
+    assert f"{cfg['first_conv']}.weight" in keys
+    assert f"{cfg['classifier']}.weight" in keys
+    assert is_edl_layer(model.get_submodule(cfg["first_conv"])), "the stem / patch embedding is EDL"
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_features_only_matches_feature_info_and_forward_intermediates(name):
+    model = create(name).eval()
+    features = create(name, features_only=True).eval()  # same seed: same weights
+    x = sample_input(model)
+    with torch.no_grad():
+        feats = features(x)
+        inter = model.forward_intermediates(x, indices=features.feature_info.out_indices, intermediates_only=True)
+    assert len(feats) >= 3
+    chans, reds = features.feature_info.channels(), features.feature_info.reduction()
+    assert len(inter) == len(feats)
+    for f, i, c, r in zip(feats, inter, chans, reds):
+        assert f.shape[1] == c
+        assert f.shape[-1] == x.shape[-1] // r
+        torch.testing.assert_close(f, i)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_channels_last_gives_the_same_output(name):
+    model = create(name).eval()
+    x = sample_input(model)
+    with torch.no_grad():
+        ref = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        out = model(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_torchscript_and_fx(name):
+    model = create(name).eval()
+    x = sample_input(model)
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(torch.jit.script(model)(x), ref)
+        torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["edl_resnet18", "edl_wide_resnet28_10", "edl_vit_tiny_patch4_32"])
+def test_torch_compile(name):
+    model = create(name).train()
+    x = sample_input(model)
+    compiled = torch.compile(model)
+    compiled(x).mean().backward()  # a training step compiles (forward and backward)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_mode_none_is_the_plain_twin(name):
+    edl = create(name)
+    plain = create(name, mode="none")
+    assert not any(is_edl_layer(m) for m in plain.modules())
+    n_edl = sum(is_edl_layer(m) for m in edl.modules())
+    assert n_edl >= 3
+    # same parameters but for the EDL layers' beta
+    edl_shapes = {k: v.shape for k, v in edl.named_parameters() if not k.endswith("beta_logit")}
+    assert edl_shapes == {k: v.shape for k, v in plain.named_parameters()}
+    assert plain.edl_cfg == {"mode": "none"}
+
+
+def test_edl_arguments_pass_through_and_are_recorded():
+    model = timm.create_model("edl_resnet18", mode="vanilla", num_iters=3, lam=0.05, eps=0.01, nonneg=False)
+    layers = [m for m in model.modules() if is_edl_layer(m)]
+    assert len(layers) == 17  # stem + 16 3x3 convolutions; the 3 downsample 1x1 convs stay plain
+    assert all(
+        (l.mode, l.num_iters, l.lam, l.eps, l.nonneg) == ("vanilla", 3, 0.05, 0.01, False) for l in layers
+    )
+    assert model.edl_cfg == dict(mode="vanilla", num_iters=3, lam=0.05, eps=0.01, nonneg=False)
+    assert all(type(m) is nn.Conv2d and m.kernel_size == (1, 1) for m in model.modules() if type(m) is nn.Conv2d)
+
+
+def test_cifar_resnet18_matches_robustbench_layout():
+    model = timm.create_model("edl_resnet18", mode="none")
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, nn.Identity)
+    assert sum(p.numel() for p in model.parameters()) == 11_173_962  # RobustBench's ResNet-18, 10 classes
+    assert [i["reduction"] for i in model.feature_info] == [1, 1, 2, 4, 8]
+
+
+def test_wide_resnet_layout():
+    model = timm.create_model("edl_wide_resnet28_10", mode="none")
+    assert sum(p.numel() for p in model.parameters()) == 36_479_194  # RobustBench's WRN-28-10
+    with pytest.raises(ValueError, match="depth must be 6n \\+ 4"):
+        timm.create_model("edl_wide_resnet28_10", depth=27)
+
+
+def test_unknown_mode_is_rejected():
+    with pytest.raises(ValueError, match="valid modes are elastic, vanilla, robust, none"):
+        timm.create_model("edl_resnet18", mode="sparse")
+
+
+def test_vit_edl_layers_are_patch_embedding_and_mlp_fc1():
+    model = create("edl_vit_tiny_patch4_32")
+    edl = sorted(n for n, m in model.named_modules() if is_edl_layer(m))
+    assert edl == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1", "blocks.2.mlp.fc1", "patch_embed.proj"]
+    assert isinstance(model.patch_embed.proj, EDLConv2d) and isinstance(model.blocks[0].mlp.fc1, EDLLinear)
