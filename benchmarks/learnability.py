@@ -11,6 +11,7 @@ JPEG CIFAR-10 copy in shared/data), and each EDL layer's learned beta.
         --variant plain:mode=none --variant edl:mode=elastic
 """
 import argparse
+import copy
 import json
 import time
 
@@ -39,19 +40,39 @@ def build(kwargs, seed):
     return Normalized(model, cfg["mean"], cfg["std"])
 
 
-def evaluate(net, x, y, batch=250, pgd_steps=20):
+def accuracy(net, x, y, attack_net=None, eps=8 / 255, steps=20, batch=250):
+    """Accuracy of ``net`` on PGD-``steps`` examples crafted on ``attack_net`` (default: ``net``)."""
     net.eval()
-    clean = robust = 0
+    attack_net = attack_net or net
+    attack_net.eval()
     g = torch.Generator().manual_seed(0)
+    correct = 0
     for i in range(0, len(x), batch):
         xb, yb = x[i:i + batch], y[i:i + batch]
+        if steps:
+            xb = pgd(attack_net, xb, yb, eps, max(2 / 255, eps / 4), steps, generator=g)
         with torch.no_grad():
-            clean += (net(xb).argmax(1) == yb).sum().item()
-        if pgd_steps:
-            adv = pgd(net, xb, yb, 8 / 255, 2 / 255, pgd_steps, generator=g)
-            with torch.no_grad():
-                robust += (net(adv).argmax(1) == yb).sum().item()
-    return clean / len(x), robust / len(x)
+            correct += (net(xb).argmax(1) == yb).sum().item()
+    return correct / len(x)
+
+
+def set_num_iters(net, factor):
+    for m in net.modules():
+        if edl_timm.is_edl_layer(m):
+            m.num_iters = m.num_iters * factor if factor >= 1 else m.num_iters // round(1 / factor)
+
+
+def audit(net, x, y, twin, steps):
+    """Signs of gradient masking: PGD at growing eps must fall towards 0; an attack through a solver
+    unrolled twice as deep, or transferred from the plain twin, must not beat the white-box one."""
+    out = {f"pgd{steps}_eps{e}": accuracy(net, x, y, eps=e / 255, steps=steps) for e in (16, 32)}
+    if any(edl_timm.is_edl_layer(m) for m in net.modules()):
+        deeper = copy.deepcopy(net)
+        set_num_iters(deeper, 2)
+        out[f"pgd{steps}_through_2T_solver"] = accuracy(net, x, y, attack_net=deeper, steps=steps)
+    if twin is not None and twin is not net:
+        out[f"transfer_pgd{steps}_from_twin"] = accuracy(net, x, y, attack_net=twin, steps=steps)
+    return out
 
 
 def train(net, x_u8, y, args):
@@ -92,6 +113,8 @@ def main():
     ap.add_argument("--pgd-steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variant", action="append", required=True, help="name:key=value,... (model kwargs)")
+    ap.add_argument("--no-audit", action="store_true", help="skip the gradient-masking audit (the first variant is "
+                    "the transfer source for the others)")
     args = ap.parse_args()
 
     # both splits of the JPEG copy are sorted by class: take fixed random subsets, not the first N
@@ -103,7 +126,7 @@ def main():
     x_test, y_test = x_test[idx].float() / 255, y_test[idx]
     print(f"{len(x_train)} train images, {len(x_test)} test images (JPEG CIFAR-10 copy), adv={args.adv}, "
           f"{args.epochs} epochs", flush=True)
-    rows = []
+    rows, first = [], None
     for text in args.variant:
         name, kwargs = parse_variant(text)
         net = build(kwargs, args.seed)
@@ -111,10 +134,14 @@ def main():
         print(f"{name} {kwargs}", flush=True)
         losses = train(net, x_train, y_train, args)
         train_s = time.time() - t0
-        clean, robust = evaluate(net, x_test, y_test, pgd_steps=args.pgd_steps)
+        clean = accuracy(net, x_test, y_test, steps=0)
+        robust = accuracy(net, x_test, y_test, steps=args.pgd_steps)
+        first = first or net
+        extra = {} if args.no_audit else audit(net, x_test, y_test, first, args.pgd_steps)
         betas = [round(m.beta.item(), 3) for m in net.modules() if edl_timm.is_edl_layer(m)]
-        row = dict(variant=name, kwargs=kwargs, adv=args.adv, clean=clean, pgd20=robust,
-                   final_loss=sum(losses[-10:]) / 10, train_s=round(train_s), betas=betas)
+        row = dict(variant=name, kwargs=kwargs, adv=args.adv, clean=clean, pgd20=robust, **extra,
+                   min_robust=min([robust, *[v for k, v in extra.items() if "eps" not in k]]),
+                   final_loss=sum(losses[-10:]) / len(losses[-10:]), train_s=round(train_s), betas=betas)
         rows.append(row)
         print("RESULT " + json.dumps(row), flush=True)
     print(f"\n{'variant':<16} {'clean':>6} {'PGD-20':>6} {'loss':>6} {'train s':>7}  betas")

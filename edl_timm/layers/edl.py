@@ -233,7 +233,7 @@ class _EDLMixin:
             if prefix + key in missing_keys:
                 missing_keys.remove(prefix + key)
         if not has_step and prefix + "weight" in state_dict:
-            self.update_step_size()
+            self.update_step_size(num_iters=POWER_ITERS_INIT)
 
     # ----------------------------------------------------------------------------------- config
     @property
@@ -251,13 +251,19 @@ class _EDLMixin:
         self.mode = mode
         self.beta_logit.requires_grad_(mode == "elastic")
 
+    def _inv_atom_norms(self) -> torch.Tensor:
+        """1 / ||atom|| per output channel (ones without atom normalisation), shape (C_out,)."""
+        w = self.weight
+        if not self.normalize_atoms:
+            return torch.ones(w.shape[0], dtype=w.dtype, device=w.device)
+        return w.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).reciprocal()
+
     def dictionary(self) -> torch.Tensor:
         """The dictionary used by forward: ``weight`` with each atom scaled to unit l2 norm."""
         w = self.weight
         if not self.normalize_atoms:
             return w
-        inv_norm = w.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).reciprocal()
-        return w * inv_norm.view([-1] + [1] * (w.dim() - 1))
+        return w * self._inv_atom_norms().view([-1] + [1] * (w.dim() - 1))
 
     # ----------------------------------------------------------------------------- operators
     def analyze(self, r: torch.Tensor) -> torch.Tensor:
@@ -324,7 +330,7 @@ class _EDLMixin:
 
     def solve(self, x: torch.Tensor, num_iters: int) -> torch.Tensor:
         """The T-step RISTA code of ``x`` (no bias), differentiable in x, the weight and beta."""
-        w_neg, w_an, lerp_w = self._operators()
+        w_neg, w_an, lerp_w = self._operators(num_iters > 1)
         tau = self.step_size.to(w_an.dtype)
         thr = self.lam * tau
         # the threshold rides on the convolution's bias when codes are non-negative
@@ -345,7 +351,7 @@ class _EDLMixin:
                 z = v - torch.clamp(v, -thr, thr)
         return z
 
-    def _operators(self) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    def _operators(self, with_synthesis: bool = True) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(negated synthesis dictionary, analysis weight with tau and the reweighting scale folded
         in, lerp weight of the reweighting or None when beta = 1).
 
@@ -355,12 +361,10 @@ class _EDLMixin:
         """
         weight = self.weight
         tau = self.step_size.to(weight.dtype)
-        if self.normalize_atoms:
-            inv_norm = weight.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).reciprocal()
-        else:
-            inv_norm = torch.ones(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        inv_norm = self._inv_atom_norms()
         shape = [-1] + [1] * (weight.dim() - 1)
-        w_neg = weight * (-inv_norm).view(shape)
+        # one step (T = 1) never synthesises: skip that weight-sized product and its backward
+        w_neg = weight * (-inv_norm).view(shape) if with_synthesis else weight
         if self.mode == "vanilla":
             return w_neg, weight * (tau * inv_norm).view(shape), None
         beta = self.beta.to(weight.dtype)
@@ -370,7 +374,11 @@ class _EDLMixin:
         return w_neg, weight * (scale * inv_norm).view(shape), k / denom
 
     def objective(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Elastic objective F(z) per sample, shape (N,), with this layer's beta, lam and dictionary."""
+        """Elastic objective F(z) per sample, shape (N,), with this layer's beta, lam and dictionary.
+
+        It is the objective of the recursion on ``x`` as given; with ``normalize_input`` the layer
+        runs that recursion on x / rms(x) and rescales the code.
+        """
         self._check_input(x)
         w = self.dictionary()
         r = (x - self._synthesize(z, w, x)).flatten(1)
@@ -449,7 +457,7 @@ class EDLConv2d(_EDLMixin, nn.Conv2d):
             layer.weight.copy_(conv.weight)
             if conv.bias is not None:
                 layer.bias.copy_(conv.bias)
-        layer.update_step_size()
+        layer.update_step_size(num_iters=POWER_ITERS_INIT)
         return layer
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -532,7 +540,7 @@ class EDLLinear(_EDLMixin, nn.Linear):
             layer.weight.copy_(linear.weight)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
-        layer.update_step_size()
+        layer.update_step_size(num_iters=POWER_ITERS_INIT)
         return layer
 
     def _check_input(self, x: torch.Tensor) -> None:

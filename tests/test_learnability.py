@@ -1,0 +1,40 @@
+"""A short version of benchmarks/learnability.py: an elastic EDL ResNet learns like its plain twin."""
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "learnability.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("learnability", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"real CIFAR-10 not found at {DATA}")
+def test_elastic_edl_trains_like_its_plain_twin():
+    bench = load_bench()
+    from edl_timm.data import load_image_split, stratified_indices
+
+    x, y = load_image_split(str(DATA), "train")
+    idx = stratified_indices(y, 2000, seed=1)
+    x, y = x[idx], y[idx]
+    xt, yt = load_image_split(str(DATA), "test")
+    idx = stratified_indices(yt, 500)
+    xt, yt = xt[idx].float() / 255, yt[idx]
+    args = SimpleNamespace(epochs=2, batch_size=64, lr=0.1, adv="none", seed=0)
+    acc = {}
+    for name, kwargs in (("twin", dict(mode="none")), ("edl", dict(mode="elastic"))):
+        torch.manual_seed(0)
+        net = bench.build(kwargs, 0)
+        bench.train(net, x, y, args)
+        acc[name] = bench.accuracy(net, xt, yt, steps=0)
+    assert acc["twin"] > 0.2, acc  # the recipe itself learns (chance is 0.1)
+    assert acc["edl"] >= 0.9 * acc["twin"], acc
