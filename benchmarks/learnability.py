@@ -139,14 +139,14 @@ def main():
         first = first or net
         extra = {} if args.no_audit else audit(net, x_test, y_test, first, args.pgd_steps)
         betas = [round(m.beta.item(), 3) for m in net.modules() if edl_timm.is_edl_layer(m)]
-        row = dict(variant=name, kwargs=kwargs, adv=args.adv, clean=clean, pgd20=robust, **extra,
+        row = dict(variant=name, kwargs=kwargs, adv=args.adv, clean=clean, pgd=robust, pgd_steps=args.pgd_steps, **extra,
                    min_robust=min([robust, *[v for k, v in extra.items() if "eps" not in k]]),
                    final_loss=sum(losses[-10:]) / len(losses[-10:]), train_s=round(train_s), betas=betas)
         rows.append(row)
         print("RESULT " + json.dumps(row), flush=True)
-    print(f"\n{'variant':<16} {'clean':>6} {'PGD-20':>6} {'loss':>6} {'train s':>7}  betas")
+    print(f"\n{'variant':<16} {'clean':>6} {'PGD-' + str(args.pgd_steps):>6} {'loss':>6} {'train s':>7}  betas")
     for r in rows:
-        print(f"{r['variant']:<16} {100 * r['clean']:6.1f} {100 * r['pgd20']:6.1f} {r['final_loss']:6.3f} "
+        print(f"{r['variant']:<16} {100 * r['clean']:6.1f} {100 * r['pgd']:6.1f} {r['final_loss']:6.3f} "
               f"{r['train_s']:7d}  {r['betas']}")
 
 
