@@ -5,7 +5,7 @@ forward+backward time of an EDLConv2d (training mode, power-iteration refresh in
 of the nn.Conv2d of the same shape, next to the floor 2T-1 (the layer's convolution count), and the
 memory autograd keeps for backward over the convolution's.
 
-    python benchmarks/layer_speed.py [--repeats 7] [--batch 64]
+    python benchmarks/layer_speed.py [--repeats 9] [--batch 64] [--no-normalize-input]
 """
 import argparse
 import time
@@ -62,15 +62,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--no-normalize-input", action="store_true",
+                    help="run the method note's recursion on x itself (no per-sample input scale)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, fastest of {args.repeats}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, fastest of {args.repeats}, "
+          f"normalize_input={not args.no_normalize_input}")
     print(f"{'shape':>22} {'T':>2} {'conv ms':>8} {'EDL ms':>8} {'ratio':>6} {'floor':>5} {'ratio/floor':>11} {'mem ratio':>9}")
     for cin, cout, h, s in SHAPES:
         x = torch.randn(args.batch, cin, h, h, requires_grad=True)
         conv = nn.Conv2d(cin, cout, 3, stride=s, padding=1, bias=False)
         for T in (1, 2, 3):
-            edl = EDLConv2d(cin, cout, 3, stride=s, num_iters=T).train()
+            edl = EDLConv2d(cin, cout, 3, stride=s, num_iters=T, normalize_input=not args.no_normalize_input).train()
             mc, me = paired_times(conv, edl, x, args.repeats)
             ratio = me / mc
             floor = 2 * T - 1
