@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from edl_timm import EDLConv2d
+from _memory import saved_bytes  # benchmarks/, first on sys.path when run as a script
 
 SHAPES = [  # (C_in, C_out, H, stride)
     (64, 64, 32, 1),
@@ -44,18 +45,10 @@ def paired_times(a, b, x, repeats):
     return min(ta), min(tb)
 
 
-def saved_bytes(layer, x):
-    """Bytes of the distinct tensors autograd saves for backward (the training-memory peak driver)."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = layer(x)
-    seen.pop(x.untyped_storage().data_ptr(), None)  # the input is held by the caller either way
-    return sum(seen.values()) + y.untyped_storage().nbytes()
+def layer_bytes(layer, x):
+    """Saved activations plus the output, which the next layer keeps (the training-memory driver)."""
+    saved, y = saved_bytes(lambda: layer(x), x)
+    return saved + y.untyped_storage().nbytes()
 
 
 def main():
@@ -77,7 +70,7 @@ def main():
             mc, me = paired_times(conv, edl, x, args.repeats)
             ratio = me / mc
             floor = 2 * T - 1
-            mem = saved_bytes(edl, x) / saved_bytes(conv, x)
+            mem = layer_bytes(edl, x) / layer_bytes(conv, x)
             name = f"{cin}->{cout}x{h}x{h} s{s}"
             print(f"{name:>22} {T:>2} {1e3 * mc:8.1f} {1e3 * me:8.1f} {ratio:6.2f} {floor:5d} {ratio / floor:11.3f} {mem:9.2f}")
 

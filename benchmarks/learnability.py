@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import edl_timm
 from edl_timm.attacks import Normalized, fgsm_rs, pgd
-from edl_timm.data import load_image_split, random_crop_flip, stratified_indices
+from edl_timm.data import load_image_split, random_crop_flip, random_subset
 
 
 def parse_variant(text):
@@ -59,7 +59,7 @@ def accuracy(net, x, y, attack_net=None, eps=8 / 255, steps=20, batch=250):
 def set_num_iters(net, factor):
     for m in net.modules():
         if edl_timm.is_edl_layer(m):
-            m.num_iters = m.num_iters * factor if factor >= 1 else m.num_iters // round(1 / factor)
+            m.num_iters = m.num_iters * factor
 
 
 def audit(net, x, y, twin, steps):
@@ -119,10 +119,10 @@ def main():
 
     # both splits of the JPEG copy are sorted by class: take fixed random subsets, not the first N
     x_train, y_train = load_image_split(args.data, "train")
-    idx = stratified_indices(y_train, args.train_n, seed=1)
+    idx = random_subset(y_train, args.train_n, seed=1)
     x_train, y_train = x_train[idx], y_train[idx]
     x_test, y_test = load_image_split(args.data, "test")
-    idx = stratified_indices(y_test, args.eval_n)
+    idx = random_subset(y_test, args.eval_n)
     x_test, y_test = x_test[idx].float() / 255, y_test[idx]
     print(f"{len(x_train)} train images, {len(x_test)} test images (JPEG CIFAR-10 copy), adv={args.adv}, "
           f"{args.epochs} epochs", flush=True)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import edl_timm
 from edl_timm import is_edl_layer
+from _memory import saved_bytes  # benchmarks/, first on sys.path when run as a script
 
 
 def macs_by_layer(model, x):
@@ -48,18 +49,10 @@ def expected_ratio(name, x, num_iters):
     return ((2 * num_iters - 1) * f_edl + f_rest) / (f_edl + f_rest)
 
 
-def saved_bytes(model, x, y):
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(model(x), y)
-    seen.pop(x.untyped_storage().data_ptr(), None)
+def step_bytes(model, x, y):
+    saved, loss = saved_bytes(lambda: F.cross_entropy(model(x), y), x)
     loss.backward()
-    return sum(seen.values())
+    return saved
 
 
 def step_times(models, x, y, repeats):
@@ -95,7 +88,7 @@ def main():
         num_iters = next(m.num_iters for m in edl.modules() if is_edl_layer(m))
         expect = expected_ratio(name, x[:1], num_iters)
         t_twin, t_edl = step_times([twin, edl], x, y, args.repeats)
-        mem = saved_bytes(edl, x, y) / saved_bytes(twin, x, y)
+        mem = step_bytes(edl, x, y) / step_bytes(twin, x, y)
         ratio = t_edl / t_twin
         print(f"{name:<28} {t_twin:7.2f} {t_edl:7.2f} {ratio:6.2f} {expect:8.2f} {ratio / expect:9.3f} {mem:9.2f}", flush=True)
 

@@ -7,9 +7,10 @@ per-image PIL pipeline.
 import os
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
-__all__ = ["load_image_split", "random_crop_flip", "stratified_indices"]
+__all__ = ["load_image_split", "random_crop_flip", "random_subset"]
 
 
 def _load(dataset: str, split: str):
@@ -48,15 +49,13 @@ def load_image_split(
     ds = ds.with_format("numpy", columns=[label_column])
     labels = torch.as_tensor(ds[label_column], dtype=torch.int64)
     ds = ds.with_format(None)
-    import numpy as np
-
     images = np.stack([np.asarray(im.convert("RGB")) for im in ds[image_column]])
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels
 
 
-def stratified_indices(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
-    """``n`` indices in a fixed random order (the JPEG CIFAR-10 test split is sorted by class,
-    so its first N images are not a sample of the classes)."""
+def random_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` indices drawn in a fixed random order (both splits of the JPEG CIFAR-10 copy are
+    sorted by class, so their first N images are not a sample of the classes)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randperm(len(labels), generator=g)[:n]
 

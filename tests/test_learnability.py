@@ -21,13 +21,13 @@ def load_bench():
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"real CIFAR-10 not found at {DATA}")
 def test_elastic_edl_trains_like_its_plain_twin():
     bench = load_bench()
-    from edl_timm.data import load_image_split, stratified_indices
+    from edl_timm.data import load_image_split, random_subset
 
     x, y = load_image_split(str(DATA), "train")
-    idx = stratified_indices(y, 2000, seed=1)
+    idx = random_subset(y, 2000, seed=1)
     x, y = x[idx], y[idx]
     xt, yt = load_image_split(str(DATA), "test")
-    idx = stratified_indices(yt, 500)
+    idx = random_subset(yt, 500)
     xt, yt = xt[idx].float() / 255, yt[idx]
     # 124 steps: EDL codes are small (they carry the step size, ~0.03 in the stem), and BatchNorm's
     # running variance needs ~90 steps at momentum 0.1 to forget its initial 1.0 (after 62 steps it

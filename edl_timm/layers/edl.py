@@ -69,7 +69,6 @@ DEFAULT_BETA_INIT = 0.5
 DEFAULT_EPS = 0.1
 DEFAULT_NONNEG = True
 DEFAULT_NORMALIZE_INPUT = True
-SCALE_FLOOR = 1e-5  # added (in quadrature) to the input RMS so that an all-zero input stays finite
 STEP_FACTOR = 0.9
 POWER_ITERS_INIT = 50  # iterations when the step size is computed from scratch at a new input size
 POWER_ITERS_CONSTRUCT = 20  # at construction: a rough value (random weights; training refines it)
@@ -172,6 +171,13 @@ def _conv_synthesize(
         [like.shape[-2], like.shape[-1]], [z.shape[-2], z.shape[-1]], stride, padding, dilation, kernel_size
     )
     return F.conv_transpose2d(z, weight, None, stride, padding, out_pad, groups, dilation)
+
+
+def _floored_rms(norm: torch.Tensor, n: int) -> torch.Tensor:
+    """RMS from an l2 norm over n entries, with a floor of 1e-5 added in quadrature so that an
+    all-zero input stays finite (a literal: TorchScript reads no module globals)."""
+    rms = norm * (1.0 / math.sqrt(n))
+    return torch.sqrt(rms * rms + 1e-10)
 
 
 # Shape checks and shape-dependent padding read tensor sizes, and the hand-written backward must
@@ -465,9 +471,8 @@ class EDLConv2d(_EDLMixin, nn.Conv2d):
 
     def _input_scale(self, x: torch.Tensor) -> torch.Tensor:
         """Per-sample RMS of the input, (N, 1, 1, 1)."""
-        n = x.shape[1] * x.shape[2] * x.shape[3]
-        rms = torch.linalg.vector_norm(x, dim=(1, 2, 3), keepdim=True) * (1.0 / math.sqrt(n))
-        return torch.sqrt(rms * rms + 1e-10)  # SCALE_FLOOR**2 (a literal: TorchScript reads no globals)
+        norm = torch.linalg.vector_norm(x, dim=(1, 2, 3), keepdim=True)
+        return _floored_rms(norm, x.shape[1] * x.shape[2] * x.shape[3])
 
     def _power_shape(self, x: Optional[torch.Tensor]) -> List[int]:
         if x is not None:
@@ -548,8 +553,7 @@ class EDLLinear(_EDLMixin, nn.Linear):
 
     def _input_scale(self, x: torch.Tensor) -> torch.Tensor:
         """RMS over the features of each input vector, (*, 1)."""
-        rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True) * (1.0 / math.sqrt(x.shape[-1]))
-        return torch.sqrt(rms * rms + 1e-10)  # SCALE_FLOOR**2 (a literal: TorchScript reads no globals)
+        return _floored_rms(torch.linalg.vector_norm(x, dim=-1, keepdim=True), x.shape[-1])
 
     def _power_shape(self, x: Optional[torch.Tensor]) -> List[int]:
         return [self.in_features]

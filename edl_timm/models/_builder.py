@@ -1,12 +1,14 @@
 """Shared pieces of the EDL model families: the pretrained-config template and the builder."""
-from typing import Any, Dict
+from typing import Any, Dict, Optional
+
+import torch.nn as nn
 
 from timm.models import build_model_with_cfg
 from timm.models._builder import resolve_pretrained_cfg
 
-from ..convert import split_edl_args
+from ..convert import convert, split_edl_args
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "PAPER_ID", "cifar_cfg", "build_edl_model"]
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "PAPER_ID", "apply_edl", "cifar_cfg", "build_edl_model"]
 
 # Per-channel statistics of the CIFAR-10 training images in [0, 1].
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -31,6 +33,14 @@ def cifar_cfg(**kwargs) -> Dict[str, Any]:
         "paper_ids": PAPER_ID,
         **kwargs,
     }
+
+
+def apply_edl(model: nn.Module, mode: str, edl_args: Optional[Dict[str, Any]]) -> None:
+    """Make ``model`` an EDL model in place by the families' rule, and record the EDL arguments in
+    ``model.edl_cfg`` (what a saved config needs to rebuild it)."""
+    edl_args = dict(edl_args or {})
+    model.edl_cfg = dict(mode=mode, **edl_args)
+    convert(model, mode=mode, inplace=True, **edl_args)
 
 
 def _has_weights(cfg) -> bool:

@@ -15,8 +15,7 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from ..convert import convert
-from ._builder import build_edl_model, cifar_cfg
+from ._builder import apply_edl, build_edl_model, cifar_cfg
 
 __all__ = ["EDLResNet"]
 
@@ -38,8 +37,7 @@ class EDLResNet(ResNet):
         self.feature_info[0]["reduction"] = 1
         for info in self.feature_info[1:]:
             info["reduction"] //= 4
-        self.edl_cfg = dict(mode=mode, **(edl_args or {}))
-        convert(self, mode=mode, inplace=True, **(edl_args or {}))
+        apply_edl(self, mode, edl_args)
 
 
 def _create_edl_resnet(variant: str, pretrained: bool = False, **kwargs) -> EDLResNet:

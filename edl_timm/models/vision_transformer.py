@@ -16,8 +16,7 @@ from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from ..convert import convert
-from ._builder import PAPER_ID, build_edl_model, cifar_cfg
+from ._builder import PAPER_ID, apply_edl, build_edl_model, cifar_cfg
 
 __all__ = ["EDLVisionTransformer"]
 
@@ -27,8 +26,7 @@ class EDLVisionTransformer(VisionTransformer):
 
     def __init__(self, *args, mode: str = "elastic", edl_args: Optional[Dict[str, Any]] = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.edl_cfg = dict(mode=mode, **(edl_args or {}))
-        convert(self, mode=mode, inplace=True, **(edl_args or {}))
+        apply_edl(self, mode, edl_args)
 
 
 def _create_edl_vit(variant: str, pretrained: bool = False, **kwargs) -> EDLVisionTransformer:

@@ -16,8 +16,7 @@ from timm.layers import DropPath, create_classifier
 from timm.models._features import feature_take_indices
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
-from ..convert import convert
-from ._builder import build_edl_model, cifar_cfg
+from ._builder import apply_edl, build_edl_model, cifar_cfg
 
 __all__ = ["EDLWideResNet"]
 
@@ -109,8 +108,7 @@ class EDLWideResNet(nn.Module):
         self.num_features = self.head_hidden_size = in_chs
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
         self._init_weights()
-        self.edl_cfg = dict(mode=mode, **(edl_args or {}))
-        convert(self, mode=mode, inplace=True, **(edl_args or {}))
+        apply_edl(self, mode, edl_args)
 
     def _init_weights(self) -> None:
         for m in self.modules():
