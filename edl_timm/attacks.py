@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Normalized", "pgd", "fgsm_rs"]
+__all__ = ["Normalized", "pgd", "fgsm_rs", "trades_adversary"]
 
 
 class Normalized(nn.Module):
@@ -73,3 +73,21 @@ def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alph
             generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """FGSM with a random start ("Fast is better than free", Wong et al. 2020), alpha = 1.25 eps."""
     return pgd(model, x, y, eps, 1.25 * eps if alpha is None else alpha, 1, generator=generator)
+
+
+def trades_adversary(model: nn.Module, x: torch.Tensor, eps: float, alpha: float, steps: int,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """TRADES' inner maximisation (Zhang et al. 2019): L-inf PGD on KL(f(x') || f(x)), started at
+    x + 0.001 * N(0, 1)."""
+    x = x.detach()
+    with torch.no_grad():
+        p_clean = F.softmax(model(x), dim=1)
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    delta = _project(0.001 * noise, x, eps, "Linf")
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = F.kl_div(F.log_softmax(model(x + delta), dim=1), p_clean, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            delta = _project(delta + alpha * grad.sign(), x, eps, "Linf")
+    return (x + delta).detach()

@@ -5,26 +5,29 @@ CIFAR images are 150 MB, and batched tensor augmentation on them is far faster o
 per-image PIL pipeline.
 """
 import os
-from typing import Optional, Tuple
+from typing import Optional
 
 import numpy as np
 import torch
 
-__all__ = ["load_image_split", "random_crop_flip", "random_subset"]
+__all__ = ["load_image_split", "random_crop_flip", "random_subset", "select_subset"]
 
 
 def _load(dataset: str, split: str):
     from datasets import load_dataset
 
     if os.path.isdir(dataset):
-        files = {s: os.path.join(dataset, f"{s}.parquet") for s in ("train", "test")}
-        files = {s: f for s, f in files.items() if os.path.exists(f)}
-        if split not in files:
-            raise FileNotFoundError(
-                f"no {split}.parquet in {dataset!r} (found: {sorted(os.listdir(dataset))}); "
-                "a local data set is a folder with train.parquet / test.parquet"
-            )
-        return load_dataset("parquet", data_files={split: files[split]}, split=split)
+        parquet = os.path.join(dataset, f"{split}.parquet")
+        if os.path.exists(parquet):
+            return load_dataset("parquet", data_files={split: parquet}, split=split)
+        if os.path.isdir(os.path.join(dataset, split)):  # an image folder: <split>/<class>/<image>
+            return load_dataset("imagefolder", data_dir=dataset, split=split)
+        raise FileNotFoundError(
+            f"no {split}.parquet and no {split}/ folder in {dataset!r} (found: {sorted(os.listdir(dataset))}); a local "
+            "data set is a folder with train.parquet / test.parquet, or an image folder <split>/<class>/<image>"
+        )
+    if os.path.sep in dataset and not os.path.exists(dataset) and dataset.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"no such data set folder: {dataset!r}")
     return load_dataset(dataset, split=split)
 
 
@@ -34,23 +37,40 @@ def load_image_split(
     limit: Optional[int] = None,
     image_column: Optional[str] = None,
     label_column: Optional[str] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 (N, 3, H, W), labels int64 (N,)) of a Hub id or a local parquet folder."""
+    with_names: bool = False,
+    subset: Optional[int] = None,
+    seed: int = 0,
+):
+    """(images uint8 (N, 3, H, W), labels int64 (N,)) of a Hub id, a local parquet folder or an
+    image folder; with ``with_names``, also the class names (None when the data set has none).
+
+    ``limit``: the first N examples. ``subset``: N examples chosen by ``select_subset`` (the first N,
+    or a seeded random N when the split is sorted by label); only the chosen images are decoded."""
     ds = _load(dataset, split)
     image_column = image_column or next((c for c in ("img", "image") if c in ds.column_names), None)
     label_column = label_column or next((c for c in ("label", "fine_label", "labels") if c in ds.column_names), None)
     if image_column not in ds.column_names or label_column not in ds.column_names:
         raise ValueError(
             f"{dataset!r} has columns {ds.column_names}; name the image and label columns "
-            "(image_column=..., label_column=...)"
+            "(--image-column / --label-column, or image_column=... / label_column=...)"
         )
+    feature = ds.features.get(label_column)
+    names = list(feature.names) if hasattr(feature, "names") else None
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
-    ds = ds.with_format("numpy", columns=[label_column])
-    labels = torch.as_tensor(ds[label_column], dtype=torch.int64)
-    ds = ds.with_format(None)
-    images = np.stack([np.asarray(im.convert("RGB")) for im in ds[image_column]])
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels
+    labels = torch.as_tensor(ds.with_format("numpy", columns=[label_column])[label_column], dtype=torch.int64)
+    if subset is not None:
+        keep = select_subset(labels, subset, seed)
+        ds, labels = ds.select(keep.tolist()), labels[keep]
+    arrays = [np.asarray(im.convert("RGB")) for im in ds[image_column]]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"{dataset!r} ({split}) has images of {len(shapes)} different sizes (e.g. {sorted(shapes)[:3]}); "
+            "resize them to one size first"
+        )
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return (images, labels, names) if with_names else (images, labels)
 
 
 def random_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
@@ -58,6 +78,21 @@ def random_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
     sorted by class, so their first N images are not a sample of the classes)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randperm(len(labels), generator=g)[:n]
+
+
+def select_subset(labels: torch.Tensor, n: Optional[int], seed: int = 0) -> torch.Tensor:
+    """Indices of ``n`` examples (all when ``n`` is None): the first ``n``, unless the split is sorted
+    by label (like the JPEG CIFAR-10 copy), where the first ``n`` would be a few classes only; then
+    ``n`` drawn in a fixed random order (``seed``)."""
+    if n is None or n >= len(labels):
+        return torch.arange(len(labels))
+    if is_sorted_by_label(labels):
+        return random_subset(labels, n, seed)
+    return torch.arange(n)
+
+
+def is_sorted_by_label(labels: torch.Tensor) -> bool:
+    return len(labels) > 1 and bool((labels[1:] >= labels[:-1]).all()) and labels[0] != labels[-1]
 
 
 def random_crop_flip(images: torch.Tensor, padding: int = 4, generator: Optional[torch.Generator] = None) -> torch.Tensor:

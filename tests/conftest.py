@@ -12,3 +12,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+from pathlib import Path  # noqa: E402
+
+CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+# a narrow ResNet-18 with one block per stage: trains in seconds on a CPU
+TINY = {"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128)}
+
+
+@pytest.fixture(scope="session")
+def cifar_dir():
+    if not CIFAR.is_dir():
+        pytest.skip(f"real CIFAR-10 not found at {CIFAR}")
+    return CIFAR
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, cifar_dir):
+    """A tiny EDL ResNet trained for 2 epochs on 1,024 CIFAR-10 images (about 20 s): a real model
+    for the evaluation and publishing tests."""
+    from edl_timm.training import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    cfg = TrainConfig(model="edl_resnet18", model_kwargs=dict(TINY), dataset=str(cifar_dir), output_dir=str(out),
+                      train_subset=1024, eval_subset=64, epochs=2, batch_size=64, lr=0.05, eval_pgd_steps=2, quiet=True)
+    metrics = train(cfg)
+    return out, metrics

@@ -198,6 +198,7 @@ class _EDLMixin:
     # set by _init_edl
     mode: str
     num_iters: int
+    bpda: bool
     lam: float
     eps: float
     nonneg: bool
@@ -209,6 +210,9 @@ class _EDLMixin:
         self.normalize_input = bool(normalize_input)
         self.mode = mode
         self.num_iters = int(num_iters)
+        # straight-through (BPDA) backward for the soft-threshold and the reweighting; the masking
+        # audit turns it on to attack with gradients that no thresholding can zero
+        self.bpda = False
         self.lam = float(lam)
         self.eps = float(eps)
         self.nonneg = bool(nonneg)
@@ -347,11 +351,16 @@ class _EDLMixin:
             # them; they save an allocation (page faults dominate elementwise cost on CPU).
             r = x if t == 0 else self._synthesize(z, w_neg, x).add_(x)  # x - A*(z)
             if lerp_w is not None:
-                r = _reweight(r, lerp_w, self.eps)
+                if self.bpda:  # straight-through: forward value of a*r, backward of the identity
+                    r = r + (_reweight(r.detach(), lerp_w, self.eps) - r).detach()
+                else:
+                    r = _reweight(r, lerp_w, self.eps)
             v = self._analyze(r, w_an, an_bias)
             if t > 0:
                 v = v.add_(z)
-            if self.nonneg:
+            if self.bpda:  # straight-through soft-threshold (used only by the masking audit)
+                z = v + ((F.relu(v) if self.nonneg else v - torch.clamp(v, -thr, thr)) - v).detach()
+            elif self.nonneg:
                 z = F.relu_(v)
             else:
                 z = v - torch.clamp(v, -thr, thr)

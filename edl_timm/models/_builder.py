@@ -1,14 +1,18 @@
 """Shared pieces of the EDL model families: the pretrained-config template and the builder."""
+import contextlib
 from typing import Any, Dict, Optional
 
 import torch.nn as nn
 
-from timm.models import build_model_with_cfg
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._builder import resolve_pretrained_cfg
 
 from ..convert import convert, split_edl_args
+from ..hub import hub_access, hub_model_args, pretrained_cfgs_for, translate_load_errors
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "PAPER_ID", "apply_edl", "cifar_cfg", "build_edl_model"]
+__all__ = [
+    "CIFAR10_MEAN", "CIFAR10_STD", "PAPER_ID", "apply_edl", "cifar_cfg", "build_edl_model", "generate_edl_default_cfgs",
+]
 
 # Per-channel statistics of the CIFAR-10 training images in [0, 1].
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -35,6 +39,13 @@ def cifar_cfg(**kwargs) -> Dict[str, Any]:
     }
 
 
+def generate_edl_default_cfgs(base_cfgs: Dict[str, Dict[str, Any]]):
+    """timm's ``generate_default_cfgs`` over the untagged base configs of a family plus one tagged
+    config per ``hub_configs/`` file of its architectures (each built on its architecture's base)."""
+    published = pretrained_cfgs_for(list(base_cfgs), lambda arch: base_cfgs[arch])
+    return generate_default_cfgs({**base_cfgs, **published})
+
+
 def apply_edl(model: nn.Module, mode: str, edl_args: Optional[Dict[str, Any]]) -> None:
     """Make ``model`` an EDL model in place by the families' rule, and record the EDL arguments in
     ``model.edl_cfg`` (what a saved config needs to rebuild it)."""
@@ -51,10 +62,13 @@ def build_edl_model(model_cls, variant: str, pretrained: bool = False, **kwargs)
     """``build_model_with_cfg`` plus what the EDL families add: EDL arguments are split off and
     handed to the model as ``edl_args``, and ``pretrained=True`` without published weights is an
     error (timm itself only logs a warning and returns random weights)."""
+    cfg = resolve_pretrained_cfg(
+        variant, pretrained_cfg=kwargs.get("pretrained_cfg"), pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")
+    )
+    # a published tag records the arguments its weights were trained with (hub_configs/)
+    for key, value in hub_model_args(variant, cfg.tag).items():
+        kwargs.setdefault(key, value)
     if pretrained:
-        cfg = resolve_pretrained_cfg(
-            variant, pretrained_cfg=kwargs.get("pretrained_cfg"), pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")
-        )
         if not _has_weights(cfg):
             raise RuntimeError(
                 f"no pretrained weights are published for {variant!r} (tag {cfg.tag or 'default'!r}) yet: "
@@ -62,4 +76,9 @@ def build_edl_model(model_cls, variant: str, pretrained: bool = False, **kwargs)
                 "timm.create_model('local-dir:/path/to/folder') or 'hf-hub:org/name'"
             )
     edl_args = split_edl_args(kwargs)
-    return build_model_with_cfg(model_cls, variant, pretrained, edl_args=edl_args, **kwargs)
+    if not pretrained:
+        return build_model_with_cfg(model_cls, variant, pretrained, edl_args=edl_args, **kwargs)
+    source = cfg.hf_hub_id or cfg.file or variant
+    access = hub_access(cfg.hf_hub_id) if cfg.hf_hub_id and not cfg.file else contextlib.nullcontext()
+    with access, translate_load_errors(source):
+        return build_model_with_cfg(model_cls, variant, pretrained, edl_args=edl_args, **kwargs)

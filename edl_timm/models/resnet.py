@@ -12,10 +12,10 @@ projections) stay plain: see ``edl_timm.convert``.
 from typing import Any, Dict, Optional
 
 import torch.nn as nn
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from ._builder import apply_edl, build_edl_model, cifar_cfg
+from ._builder import apply_edl, build_edl_model, cifar_cfg, generate_edl_default_cfgs
 
 __all__ = ["EDLResNet"]
 
@@ -44,7 +44,7 @@ def _create_edl_resnet(variant: str, pretrained: bool = False, **kwargs) -> EDLR
     return build_edl_model(EDLResNet, variant, pretrained, **kwargs)
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = generate_edl_default_cfgs({
     "edl_resnet18": cifar_cfg(),
     "edl_resnet34": cifar_cfg(),
     "edl_resnet50": cifar_cfg(),

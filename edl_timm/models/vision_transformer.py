@@ -13,10 +13,10 @@ as codes. Parameter names are timm's, so ``vit_small_patch16_224`` weights initi
 from typing import Any, Dict, Optional
 
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from ._builder import PAPER_ID, apply_edl, build_edl_model, cifar_cfg
+from ._builder import PAPER_ID, apply_edl, build_edl_model, cifar_cfg, generate_edl_default_cfgs
 
 __all__ = ["EDLVisionTransformer"]
 
@@ -41,7 +41,7 @@ def _vit_cfg(**kwargs) -> Dict[str, Any]:
     return cifar_cfg(pool_size=None, first_conv="patch_embed.proj", classifier="head", **kwargs)
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = generate_edl_default_cfgs({
     "edl_vit_tiny_patch4_32": _vit_cfg(),
     "edl_vit_small_patch16_224": _vit_cfg(
         num_classes=1000, input_size=(3, 224, 224), crop_pct=0.9, interpolation="bicubic",

@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, create_classifier
 from timm.models._features import feature_take_indices
-from timm.models import checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, register_model
 
-from ._builder import apply_edl, build_edl_model, cifar_cfg
+from ._builder import apply_edl, build_edl_model, cifar_cfg, generate_edl_default_cfgs
 
 __all__ = ["EDLWideResNet"]
 
@@ -204,7 +204,7 @@ def _create_edl_wrn(variant: str, pretrained: bool = False, **kwargs) -> EDLWide
     )
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = generate_edl_default_cfgs({
     "edl_wide_resnet28_10": cifar_cfg(pool_size=(8, 8)),
     "edl_wide_resnet34_10": cifar_cfg(pool_size=(8, 8)),
 })

@@ -1,0 +1,477 @@
+"""Robustness evaluation: clean, PGD and AutoAttack accuracy, the gradient-masking audit, and the
+JSON report the publisher turns into a model card (``../shared/docs/evaluation.md`` is the protocol).
+
+Every attack runs in [0, 1] pixel space on ``Normalized(model)`` in eval mode; the model is checked
+to be deterministic before it is attacked.
+"""
+import contextlib
+import datetime
+import logging
+import platform
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attacks import Normalized, pgd
+from .layers import is_edl_layer
+
+__all__ = [
+    "REPORT_SCHEMA", "accuracy", "pgd_accuracy", "autoattack_accuracy", "check_deterministic", "solver_steps",
+    "straight_through", "gradient_norms", "audit", "evaluate", "validate_report", "pixel_model",
+]
+
+_log = logging.getLogger(__name__)
+
+
+def _progress(iterable, desc: str, verbose: bool, total: Optional[int] = None):
+    if not verbose:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+def pixel_model(model: nn.Module) -> Normalized:
+    """``model`` in eval mode behind its pretrained config's normalisation (inputs in [0, 1])."""
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    return Normalized(model, cfg.get("mean", (0.0, 0.0, 0.0)), cfg.get("std", (1.0, 1.0, 1.0))).eval()
+
+
+def _batches(n: int, batch_size: int):
+    return [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    dev = next(model.parameters()).device
+    return torch.cat([model(x[a:b].to(dev)).argmax(1).cpu() for a, b in _batches(len(x), batch_size)])
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
+    """Top-1 accuracy in percent."""
+    return 100.0 * (predict(model, x, batch_size) == y).float().mean().item()
+
+
+def check_deterministic(model: nn.Module, x: torch.Tensor) -> None:
+    """Two forwards of the same batch must agree exactly; a randomised or stateful model needs an
+    EOT evaluation that this evaluator does not do."""
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    if not torch.equal(a, b):
+        raise RuntimeError(
+            f"the model is not deterministic in eval mode (two forwards differ by up to {(a - b).abs().max().item():.3g}): "
+            "put it in eval mode and remove randomness (dropout, noise) before attacking it"
+        )
+
+
+def pgd_accuracy(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 20, step_size: Optional[float] = None,
+    restarts: int = 1, norm: str = "Linf", batch_size: int = 256, seed: int = 0, verbose: bool = False,
+    source: Optional[nn.Module] = None,
+) -> float:
+    """Accuracy (%) under PGD: an example counts as robust only if every restart fails. With
+    ``source``, the attack is computed on ``source`` and evaluated on ``model`` (a transfer attack)."""
+    if eps == 0:
+        return accuracy(model, x, y, batch_size)
+    step_size = step_size if step_size is not None else (2.5 * eps / steps if steps > 0 else eps)
+    attacker = source if source is not None else model
+    dev = next(model.parameters()).device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    robust = predict(model, x, batch_size) == y
+    for _ in range(restarts):
+        idx = robust.nonzero().flatten()
+        for a, b in _progress(_batches(len(idx), batch_size), f"PGD-{steps} eps={eps:.4g}", verbose):
+            i = idx[a:b]
+            xb, yb = x[i].to(dev), y[i].to(dev)
+            adv = pgd(attacker, xb, yb, eps, step_size, steps, norm=norm, generator=g)
+            with torch.no_grad():
+                robust[i] &= (model(adv).argmax(1) == yb).cpu()
+    return 100.0 * robust.float().mean().item()
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def autoattack_accuracy(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "Linf", version: str = "standard",
+    attacks: Optional[Sequence[str]] = None, batch_size: int = 256, seed: int = 0, verbose: bool = False,
+) -> Dict[str, Any]:
+    """AutoAttack (``pyautoattack``, the Croce & Hein code): overall accuracy (%), accuracy after
+    each attack, and the warnings of its own checks (randomness, output range, zero gradients,
+    dynamic defence, Square beating the gradient attacks)."""
+    from pyautoattack import AutoAttack
+
+    dev = next(model.parameters()).device
+    if attacks:
+        adversary = AutoAttack(model, attacks=list(attacks), eps=eps, norm=norm, version="custom", seed=seed, device=dev)
+    else:
+        adversary = AutoAttack(model, eps=eps, norm=norm, version=version, seed=seed, device=dev)
+    records = _Records()
+    logger = logging.getLogger("auto-attack")
+    old_level = logger.level
+    logger.addHandler(records)
+    logger.setLevel(logging.DEBUG)
+    try:
+        x_adv, _ = adversary.run_standard_evaluation(x.to(dev), y.to(dev), batch_size=batch_size)
+    finally:
+        logger.removeHandler(records)
+        logger.setLevel(old_level)
+    per_attack: Dict[str, float] = {}
+    for r in records.records:
+        msg = r.getMessage()
+        if verbose and r.levelno >= logging.DEBUG and "robust accuracy" in msg:
+            _log.info("AutoAttack: %s", msg)
+        if msg.startswith("robust accuracy after "):  # 'robust accuracy after APGD-CE: 12.50% (total time ...)'
+            name, rest = msg[len("robust accuracy after "):].split(":", 1)
+            per_attack[name.strip().lower()] = float(rest.split("%")[0])
+    warnings = [r.getMessage() for r in records.records if r.levelno >= logging.WARNING]
+    linf = (x_adv.cpu() - x).abs().flatten(1).max(1).values.max().item()
+    if norm == "Linf" and linf > eps + 1e-5:
+        raise RuntimeError(f"AutoAttack returned points outside the eps-ball (Linf {linf:.5f} > {eps:.5f})")
+    acc = accuracy(model, x_adv.cpu(), y, batch_size)
+    return {"accuracy": acc, "per_attack": per_attack, "warnings": warnings,
+            "attacks": list(attacks) if attacks else list(adversary.attacks_to_run)}
+
+
+def _edl_layers(model: nn.Module):
+    return [m for m in model.modules() if is_edl_layer(m)]
+
+
+@contextlib.contextmanager
+def solver_steps(model: nn.Module, num_iters: int) -> Iterator[None]:
+    """Every EDL layer of ``model`` unrolled for ``num_iters`` steps inside the block."""
+    layers = _edl_layers(model)
+    saved = [m.num_iters for m in layers]
+    for m in layers:
+        m.num_iters = num_iters
+    try:
+        yield
+    finally:
+        for m, t in zip(layers, saved):
+            m.num_iters = t
+
+
+@contextlib.contextmanager
+def straight_through(model: nn.Module) -> Iterator[None]:
+    """BPDA: the soft-threshold and the reweighting of every EDL layer back-propagate as the
+    identity inside the block (forward values unchanged)."""
+    layers = _edl_layers(model)
+    for m in layers:
+        m.bpda = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.bpda = False
+
+
+def gradient_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
+    """Mean per-example norm of d(cross-entropy)/d(input) of the model and of each EDL layer (or,
+    in a model without any, each convolution and linear layer)."""
+    inner = model.model if isinstance(model, Normalized) else model
+    watched = [(n, m) for n, m in inner.named_modules() if is_edl_layer(m)] or [
+        (n, m) for n, m in inner.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    inputs: Dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(module, args):
+            if args[0].requires_grad:
+                args[0].retain_grad()
+                inputs[name] = args[0]
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in watched]
+    try:
+        dev = next(model.parameters()).device
+        xb = x.to(dev).clone().requires_grad_(True)
+        loss = F.cross_entropy(model(xb), y.to(dev), reduction="sum")
+        loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    model.zero_grad(set_to_none=True)
+    out = {"input": xb.grad.flatten(1).norm(dim=1).mean().item()}
+    for name, t in inputs.items():
+        out[name] = t.grad.flatten(1).norm(dim=1).mean().item() if t.grad is not None else 0.0
+    return out
+
+
+def audit(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "Linf", steps: int = 20,
+    restarts: int = 1, batch_size: int = 256, white_box_accuracy: Optional[float] = None,
+    surrogate: Optional[nn.Module] = None, surrogate_name: str = "", eps_sweep: Optional[Sequence[float]] = None,
+    autoattack_warnings: Sequence[str] = (), plot_path: Optional[str] = None, seed: int = 0, verbose: bool = False,
+) -> Dict[str, Any]:
+    """The gradient-masking audit of ``../shared/docs/evaluation.md``. Returns its measurements and
+    ``flags``: plain-words signs of masking (empty for an honest evaluation)."""
+    n = len(y)
+    tol = max(2.0, 100.0 / n)  # one image, or 2 points on larger sets: differences below are noise
+    pgd_kw = dict(norm=norm, steps=steps, restarts=restarts, batch_size=batch_size, seed=seed, verbose=verbose)
+    if white_box_accuracy is None:
+        white_box_accuracy = pgd_accuracy(model, x, y, eps, **pgd_kw)
+    flags: List[str] = []
+    out: Dict[str, Any] = {"tolerance": tol}
+
+    sweep = list(eps_sweep) if eps_sweep is not None else [0.0, eps / 2, eps, 2 * eps, 4 * eps, 8 * eps, 16 * eps]
+    curve = [{"eps": e, "accuracy": pgd_accuracy(model, x, y, e, **pgd_kw)} for e in sweep]
+    out["eps_sweep"] = curve
+    if curve[-1]["accuracy"] > tol:
+        flags.append(
+            f"PGD accuracy does not fall to ~0 as eps grows ({curve[-1]['accuracy']:.1f}% at eps={curve[-1]['eps']:.3g}): "
+            "the gradients do not lead the attack, a sign of gradient masking"
+        )
+    if any(b["accuracy"] > a["accuracy"] + tol for a, b in zip(curve, curve[1:])):
+        flags.append("PGD accuracy rises with eps somewhere on the sweep: the attack is not converging")
+    if plot_path:
+        _plot_sweep(curve, plot_path, eps, norm)
+        out["plot"] = plot_path
+
+    inner = model.model if isinstance(model, Normalized) else model
+    layers = _edl_layers(inner)
+    if layers:
+        deeper = 2 * max(m.num_iters for m in layers)
+        # craft through the deeper solver (and the straight-through backward), judge the model as deployed
+        acc = pgd_accuracy(model, x, y, eps, source=_DeeperSolver(model, deeper), **pgd_kw)
+        out["unrolled"] = {"num_iters": deeper, "accuracy": acc}
+        acc = pgd_accuracy(model, x, y, eps, source=_StraightThrough(model), **pgd_kw)
+        out["bpda"] = {"accuracy": acc}
+        for key, what in (("unrolled", f"the solver unrolled to {deeper} steps"), ("bpda", "a straight-through (BPDA) backward")):
+            if out[key]["accuracy"] < white_box_accuracy - tol:
+                flags.append(
+                    f"PGD through {what} beats the plain white-box PGD ({out[key]['accuracy']:.1f}% vs "
+                    f"{white_box_accuracy:.1f}%): the model's own gradients understate its weakness"
+                )
+    if surrogate is not None:
+        acc = pgd_accuracy(model, x, y, eps, source=surrogate, **pgd_kw)
+        out["transfer"] = {"surrogate": surrogate_name, "accuracy": acc}
+        if acc < white_box_accuracy - tol:
+            flags.append(
+                f"a transfer attack from {surrogate_name or 'the surrogate'} beats the white-box attack "
+                f"({acc:.1f}% vs {white_box_accuracy:.1f}%): the white-box gradients are masked"
+            )
+
+    norms = gradient_norms(model, x[:batch_size], y[:batch_size])
+    out["gradient_norms"] = norms
+    values = torch.tensor(list(norms.values()))
+    if not torch.isfinite(values).all():
+        flags.append("some input-gradient norms are not finite (exploding gradients)")
+    elif (values <= 1e-12 * max(values.max().item(), 1e-30)).any() or values.max() <= 1e-12:
+        zero = [k for k, v in norms.items() if v <= 1e-12 * max(values.max().item(), 1e-30) or v == 0]
+        flags.append(f"input gradients vanish at {', '.join(zero[:5])}: the attack gets no signal there")
+    elif values.max() / values.min() > 1e8:
+        flags.append("input-gradient norms span more than 8 orders of magnitude across layers")
+    for w in autoattack_warnings:
+        flags.append(f"AutoAttack check: {w}")
+    out["autoattack_warnings"] = list(autoattack_warnings)
+    out["flags"] = flags
+    out["masking_suspected"] = bool(flags)
+    return out
+
+
+class _DeeperSolver(nn.Module):
+    """``model`` with its EDL layers unrolled to ``num_iters`` steps, for the attacker only."""
+
+    def __init__(self, model: nn.Module, num_iters: int):
+        super().__init__()
+        self.model, self.num_iters = model, num_iters
+
+    def forward(self, x):
+        inner = self.model.model if isinstance(self.model, Normalized) else self.model
+        with solver_steps(inner, self.num_iters):
+            return self.model(x)
+
+
+class _StraightThrough(nn.Module):
+    """``model`` with a BPDA backward in its EDL layers, for the attacker only."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        inner = self.model.model if isinstance(self.model, Normalized) else self.model
+        with straight_through(inner):
+            return self.model(x)
+
+
+def _plot_sweep(curve: List[Dict[str, float]], path: str, eps: float, norm: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    xs = [c["eps"] * 255 if norm == "Linf" else c["eps"] for c in curve]
+    ax.plot(xs, [c["accuracy"] for c in curve], "o-")
+    ax.axvline(eps * 255 if norm == "Linf" else eps, color="grey", ls=":", lw=1)
+    ax.set_xlabel("eps (x/255)" if norm == "Linf" else "eps (L2)")
+    ax.set_ylabel("PGD accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title("accuracy must fall to ~0 as eps grows")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+
+_RESULT = {
+    "type": "object",
+    "required": ["attack", "accuracy", "n"],
+    "properties": {
+        "attack": {"enum": ["clean", "pgd", "autoattack", "transfer", "unrolled", "bpda"]},
+        "accuracy": {"type": "number", "minimum": 0, "maximum": 100},
+        "n": {"type": "integer", "minimum": 1},
+        "norm": {"enum": ["Linf", "L2"]},
+        "eps": {"type": "number", "minimum": 0},
+        "settings": {"type": "object"},
+    },
+}
+REPORT_SCHEMA: Dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "edl-timm evaluation report",
+    "type": "object",
+    "required": ["schema", "model", "data", "threat_model", "results", "robust_accuracy", "audit", "versions", "date"],
+    "properties": {
+        "schema": {"const": "edl-timm/eval-report/1"},
+        "model": {
+            "type": "object",
+            "required": ["source", "architecture", "weights_sha256"],
+            "properties": {
+                "source": {"type": "string"}, "architecture": {"type": "string"},
+                "model_args": {"type": "object"}, "weights_sha256": {"type": ["string", "null"]},
+            },
+        },
+        "data": {
+            "type": "object",
+            "required": ["dataset", "split", "n", "selection"],
+            "properties": {"dataset": {"type": "string"}, "split": {"type": "string"}, "n": {"type": "integer", "minimum": 1},
+                           "selection": {"type": "string"}, "note": {"type": "string"}},
+        },
+        "threat_model": {
+            "type": "object", "required": ["norm", "eps"],
+            "properties": {"norm": {"enum": ["Linf", "L2"]}, "eps": {"type": "number", "minimum": 0}},
+        },
+        "results": {"type": "array", "minItems": 1, "items": _RESULT},
+        "robust_accuracy": {"type": "number", "minimum": 0, "maximum": 100},
+        "audit": {
+            "type": ["object", "null"],
+            "required": ["eps_sweep", "gradient_norms", "flags", "masking_suspected"],
+            "properties": {
+                "eps_sweep": {"type": "array", "items": {"type": "object", "required": ["eps", "accuracy"]}},
+                "gradient_norms": {"type": "object", "additionalProperties": {"type": "number"}},
+                "flags": {"type": "array", "items": {"type": "string"}},
+                "masking_suspected": {"type": "boolean"},
+            },
+        },
+        "versions": {"type": "object", "additionalProperties": {"type": "string"}},
+        "date": {"type": "string"},
+    },
+}
+
+
+def validate_report(report: Dict[str, Any]) -> None:
+    """Raise ``jsonschema.ValidationError`` (with the failing path) if ``report`` is malformed."""
+    import jsonschema
+
+    jsonschema.validate(report, REPORT_SCHEMA)
+
+
+def _versions() -> Dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("edl-timm", "torch", "timm", "pyautoattack", "accelerate", "datasets"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, source: str, eps: float = 8 / 255, norm: str = "Linf",
+    pgd_steps: int = 20, pgd_step_size: Optional[float] = None, restarts: int = 1, autoattack: Optional[str] = "standard",
+    autoattack_attacks: Optional[Sequence[str]] = None, do_audit: bool = False, surrogate: Optional[nn.Module] = None,
+    surrogate_name: str = "", plot_path: Optional[str] = None, batch_size: int = 256, seed: int = 0,
+    data: Optional[Dict[str, Any]] = None, weights_sha256: Optional[str] = None, verbose: bool = False,
+    eps_sweep: Optional[Sequence[float]] = None,
+) -> Dict[str, Any]:
+    """Evaluate a timm ``model`` (normalised input; wrapped here) on pixels ``x`` in [0, 1]; return the report."""
+    if x.dtype == torch.uint8:
+        x = x.float() / 255
+    if not (0 <= x.min() and x.max() <= 1):
+        raise ValueError("images must be in [0, 1] (or uint8); the normalisation runs inside the wrapped model")
+    net = pixel_model(model)
+    twin = pixel_model(surrogate) if surrogate is not None else None
+    check_deterministic(net, x[: min(len(x), 16)].to(next(net.parameters()).device))
+    n = len(y)
+    threat = {"norm": norm, "eps": float(eps)}
+    results: List[Dict[str, Any]] = [{"attack": "clean", "accuracy": accuracy(net, x, y, batch_size), "n": n}]
+    step_size = pgd_step_size if pgd_step_size is not None else 2.5 * eps / max(pgd_steps, 1)
+    pgd_acc = pgd_accuracy(net, x, y, eps, pgd_steps, step_size, restarts, norm, batch_size, seed, verbose)
+    results.append({"attack": "pgd", "accuracy": pgd_acc, "n": n, **threat,
+                    "settings": {"steps": pgd_steps, "step_size": step_size, "restarts": restarts, "random_start": True,
+                                 "loss": "cross-entropy"}})
+    aa_warnings: List[str] = []
+    if autoattack:
+        aa = autoattack_accuracy(net, x, y, eps, norm, autoattack, autoattack_attacks, batch_size, seed, verbose)
+        aa_warnings = aa["warnings"]
+        results.append({"attack": "autoattack", "accuracy": aa["accuracy"], "n": n, **threat,
+                        "settings": {"version": "custom" if autoattack_attacks else autoattack, "attacks": aa["attacks"],
+                                     "per_attack": aa["per_attack"], "warnings": aa["warnings"], "seed": seed}})
+    report_audit = None
+    if do_audit:
+        report_audit = audit(net, x, y, eps, norm, pgd_steps, restarts, batch_size, pgd_acc, twin, surrogate_name,
+                             eps_sweep, aa_warnings, plot_path, seed, verbose)
+        if "transfer" in report_audit:
+            results.append({"attack": "transfer", "accuracy": report_audit["transfer"]["accuracy"], "n": n, **threat,
+                            "settings": {"surrogate": surrogate_name, "steps": pgd_steps}})
+        for key in ("unrolled", "bpda"):
+            if key in report_audit:
+                settings = {"steps": pgd_steps, **({"num_iters": report_audit[key]["num_iters"]} if key == "unrolled" else {})}
+                results.append({"attack": key, "accuracy": report_audit[key]["accuracy"], "n": n, **threat, "settings": settings})
+    robust = min(r["accuracy"] for r in results if r["attack"] != "clean")
+    report = {
+        "schema": "edl-timm/eval-report/1",
+        "model": {"source": source, "architecture": model.pretrained_cfg.get("architecture", type(model).__name__),
+                  "model_args": dict(getattr(model, "edl_cfg", {})), "weights_sha256": weights_sha256},
+        "data": dict(data or {"dataset": "tensors", "split": "test", "selection": f"the {n} given images"}, n=n),
+        "threat_model": threat,
+        "results": results,
+        "robust_accuracy": robust,
+        "audit": report_audit,
+        "versions": _versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    validate_report(report)
+    return report
+
+
+def format_table(report: Dict[str, Any]) -> str:
+    """A short terminal table of the report."""
+    lines = [f"{report['model']['source']} on {report['data']['dataset']} ({report['data']['split']}, n={report['data']['n']}, "
+             f"{report['data']['selection']}), {report['threat_model']['norm']} eps={report['threat_model']['eps']:.4g}"]
+    for r in report["results"]:
+        s = r.get("settings", {})
+        what = {"pgd": f"PGD-{s.get('steps')} x{s.get('restarts')}", "autoattack": f"AutoAttack {s.get('version')}",
+                "unrolled": f"PGD, solver x{s.get('num_iters')} steps", "transfer": f"transfer from {s.get('surrogate')}",
+                "bpda": "PGD, BPDA backward"}.get(r["attack"], r["attack"])
+        lines.append(f"  {what:<34} {r['accuracy']:6.2f}%")
+    lines.append(f"  {'robust (min over attacks)':<34} {report['robust_accuracy']:6.2f}%")
+    if report["audit"] is not None:
+        flags = report["audit"]["flags"]
+        lines.append("  audit: " + ("no sign of gradient masking" if not flags else "MASKING SUSPECTED:"))
+        lines += [f"   - {f}" for f in flags]
+    return "\n".join(lines)

@@ -1,0 +1,234 @@
+"""Hub-ready release folders: timm's weight format, a model card with measured results, the
+``hub_configs/`` entry, and the upload.
+
+A release is made from a training output (``model.safetensors`` + timm ``config.json`` +
+``args.json``) and the evaluation report ``scripts/evaluate.py`` wrote for exactly those weights:
+the weights file is copied byte for byte, so what is published is what was evaluated (the report's
+sha256 is checked).
+"""
+import datetime
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from .hub import DEFAULT_ORG, CheckpointError, check_checkpoint_folder, sha256_file, validate_hub_config
+
+__all__ = ["build_release", "upload_release", "metrics_from_report", "model_card"]
+
+JPEG_NOTE = (
+    "the JPEG-compressed copy of CIFAR-10 (same images and labels as uoft-cs/cifar10, re-encoded as JPEG), "
+    "so accuracies are not directly comparable to results on the original PNG images"
+)
+CITATION = """@article{hou2025edl,
+  title   = {Boosting Adversarial Robustness and Generalization with Structural Prior},
+  author  = {Hou, Zhichao and others},
+  journal = {arXiv preprint arXiv:2502.00834},
+  year    = {2025}
+}"""
+
+
+def _eps_str(eps: float) -> str:
+    k = eps * 255
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:g}"
+
+
+def metrics_from_report(report: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The report's results (and audit attacks) as ``hub_configs`` metrics entries."""
+    data = report["data"]
+    dataset = f"{data['dataset']} ({data['split']})"
+    out = []
+    for r in report["results"]:
+        m = {"attack": r["attack"], "accuracy": round(float(r["accuracy"]), 2), "n": int(r["n"]), "dataset": dataset}
+        if r["attack"] != "clean":
+            m.update(norm=r.get("norm", report["threat_model"]["norm"]), eps=float(r.get("eps", report["threat_model"]["eps"])),
+                     settings=r.get("settings", {}))
+        out.append(m)
+    return out
+
+
+def _describe(m: Dict[str, Any]) -> str:
+    if m["attack"] == "clean":
+        return "clean"
+    s = m.get("settings", {})
+    detail = {
+        "pgd": f"PGD-{s.get('steps', '?')}, {s.get('restarts', 1)} restart(s)",
+        "autoattack": f"AutoAttack {s.get('version', 'standard')}",
+        "transfer": f"transfer PGD from {s.get('surrogate', 'a surrogate')}",
+        "bpda": "PGD with a straight-through (BPDA) backward",
+        "unrolled": f"PGD through the solver unrolled to {s.get('num_iters', '?')} steps",
+    }.get(m["attack"], m["attack"])
+    return f"{detail}, {m['norm']} eps={_eps_str(m['eps'])}"
+
+
+def model_card(cfg: Dict[str, Any], report: Dict[str, Any], args: Dict[str, Any]) -> str:
+    """The model card README.md: YAML front matter (``library_name: timm``, model-index) and body."""
+    name = f"{cfg['architecture']}.{cfg['tag']}"
+    data_note = cfg["dataset"].get("note", "")
+    front = {
+        "library_name": "timm",
+        "license": cfg["license"],
+        "datasets": [cfg["dataset"]["id"]],
+        "tags": ["image-classification", "timm", "edl-timm", "adversarial-robustness", "pytorch"],
+        "model-index": [{
+            "name": name,
+            "results": [{
+                "task": {"type": "image-classification", "name": "Image Classification"},
+                "dataset": {"type": cfg["dataset"]["id"], "name": cfg["dataset"].get("name", cfg["dataset"]["id"]),
+                            "split": report["data"]["split"]},
+                "metrics": [
+                    {"type": "accuracy" if m["attack"] == "clean" else "robust_accuracy", "name": _describe(m) + f" (n={m['n']})",
+                     "value": m["accuracy"]}
+                    for m in cfg["metrics"]
+                ],
+            }],
+        }],
+    }
+    rows = "\n".join(
+        f"| {_describe(m)} | {m['n']} | {m['accuracy']:.2f} |" for m in cfg["metrics"]
+    )
+    recipe = "\n".join(f"- `{k}`: {v}" for k, v in cfg["recipe"].items())
+    audit = report.get("audit") or {}
+    flags = audit.get("flags", [])
+    audit_text = (
+        "The gradient-masking audit (eps sweep, transfer, deeper solver, BPDA, AutoAttack's checks, per-layer "
+        "gradient norms) raised no flag." if audit and not flags else
+        ("The gradient-masking audit raised: " + "; ".join(flags) if flags else "No gradient-masking audit was run.")
+    )
+    train_cmd = " ".join(f"--{k.replace('_', '-')} {_eps_str(v) if k == 'eps' else v}" for k, v in args.items()
+                         if k in ("adv", "eps", "epochs", "lr") and v is not None)
+    return f"""---
+{yaml.safe_dump(front, sort_keys=False).strip()}
+---
+# {name}
+
+An adversarially trained {cfg['architecture']} with Elastic Dictionary Learning layers
+([edl-timm](https://github.com/edl-timm/edl-timm), arXiv:2502.00834), trained on {cfg['dataset']['id']}.
+Model arguments: `{json.dumps(cfg.get('model_args', {}))}`.
+
+## Usage
+
+```python
+import timm, edl_timm
+model = timm.create_model("{name}", pretrained=True).eval()
+# or: timm.create_model("hf-hub:{cfg['hf_hub_id']}")
+cfg = timm.data.resolve_data_config({{}}, model=model)   # inputs in [0, 1], normalised with cfg["mean"], cfg["std"]
+```
+
+Fine-tune with accelerate (one CPU, one GPU or many):
+
+```bash
+accelerate launch scripts/train.py --model hf-hub:{cfg['hf_hub_id']} --dataset uoft-cs/cifar10 --output-dir runs/ft {train_cmd}
+```
+
+## Training recipe
+
+{recipe}
+
+## Results
+
+Test split of {report['data']['dataset']}, {report['data'].get('selection', 'first n images')}; {report['threat_model']['norm']} threat
+model, eps = {_eps_str(report['threat_model']['eps'])}; attacks in [0, 1] pixel space with the normalisation inside the model.
+
+| attack | n | accuracy (%) |
+|---|---|---|
+{rows}
+
+Robust accuracy (minimum over all attacks): **{report['robust_accuracy']:.2f}%**. {audit_text}
+
+## Limitations
+
+- {data_note or 'See the data set card.'}
+- Robust accuracy is measured on {report['data']['n']} test images, not RobustBench's 10,000; treat differences of about
+  {100 / max(report['data']['n'], 1) ** 0.5:.1f} points as noise.
+- Robustness holds only for the stated threat model; it says nothing about other norms, larger eps or corruptions.
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
+
+
+def build_release(
+    train_dir: os.PathLike,
+    report: Dict[str, Any],
+    output_dir: os.PathLike,
+    tag: str,
+    repo_id: Optional[str] = None,
+    hub_configs_dir: Optional[os.PathLike] = None,
+    default: bool = False,
+    license: str = "apache-2.0",
+    dataset_id: Optional[str] = None,
+    dataset_note: Optional[str] = None,
+    notes: str = "",
+) -> Dict[str, Any]:
+    """Write the Hub-ready folder ``output_dir`` (model.safetensors, config.json, README.md,
+    eval_report.json) and the ``hub_configs`` file; returns the hub config."""
+    train_dir, output_dir = Path(train_dir), Path(output_dir)
+    config = check_checkpoint_folder(train_dir)
+    weights = train_dir / "model.safetensors"
+    if not weights.exists():
+        raise CheckpointError(f"{weights} is missing: publish from a training output with safetensors weights")
+    digest = sha256_file(weights)
+    if report["model"].get("weights_sha256") != digest:
+        raise CheckpointError(
+            f"the evaluation report is for weights {report['model'].get('weights_sha256')}, but {weights} has sha256 "
+            f"{digest}: evaluate these weights (scripts/evaluate.py --model {train_dir}) before publishing them"
+        )
+    arch = config["architecture"]
+    args = json.loads((train_dir / "args.json").read_text()) if (train_dir / "args.json").exists() else {}
+    dataset_id = dataset_id or report["data"]["dataset"]
+    if os.path.exists(dataset_id):
+        raise ValueError(
+            f"the report's data set is the local folder {dataset_id!r}: name its Hub id (--dataset-id, e.g. uoft-cs/cifar10) "
+            "for the model card; the folder's note is kept"
+        )
+    note = dataset_note or report["data"].get("note") or ""
+    cfg = {
+        "hf_hub_id": repo_id or f"{DEFAULT_ORG}/{arch}.{tag}",
+        "architecture": arch,
+        "tag": tag,
+        "default": bool(default),
+        "model_args": {k: v for k, v in (config.get("model_args") or {}).items() if k not in ("in_chans", "global_pool")},
+        "dataset": {"id": dataset_id, "note": note},
+        "threat_model": dict(report["threat_model"]),
+        "recipe": {k: args[k] for k in ("adv", "eps", "alpha", "steps", "epochs", "max_steps", "batch_size", "lr", "optimizer",
+                                        "schedule", "weight_decay", "elastic_from_epoch", "mixed_precision", "train_subset",
+                                        "seed") if k in args} or {"note": "no args.json in the training output"},
+        "metrics": metrics_from_report(report),
+        "license": license,
+        "notes": notes,
+    }
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise FileExistsError(f"{output_dir} is not empty: choose a new --output-dir (nothing was overwritten)")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(weights, output_dir / "model.safetensors")
+    shutil.copyfile(train_dir / "config.json", output_dir / "config.json")
+    (output_dir / "eval_report.json").write_text(json.dumps(report, indent=2))
+    (output_dir / "README.md").write_text(model_card(cfg, report, args))
+    configs_dir = Path(hub_configs_dir) if hub_configs_dir else output_dir
+    configs_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = configs_dir / f"{arch}.{tag}.yaml"
+    validate_hub_config(dict(cfg), cfg_path)  # the same validation as the shipped files get
+    header = f"# written by scripts/push_to_hub.py on {datetime.date.today().isoformat()}\n"
+    tmp = cfg_path.with_name(cfg_path.name + ".tmp")
+    tmp.write_text(header + yaml.safe_dump(cfg, sort_keys=False))
+    os.replace(tmp, cfg_path)
+    return cfg
+
+
+def upload_release(folder: os.PathLike, repo_id: str, token: Optional[str] = None, private: bool = False,
+                   commit_message: str = "Upload EDL checkpoint with edl-timm") -> str:
+    """Create the repository if needed and upload ``folder`` (token: argument, HF_TOKEN or the
+    login cache, as huggingface_hub resolves it). Returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=commit_message)
+    return str(getattr(info, "commit_url", info))

@@ -1,0 +1,399 @@
+"""Training and fine-tuning with HF accelerate: natural, PGD-AT, TRADES and FGSM-RS, one script for
+one CPU, one GPU or many (``python scripts/train.py`` or ``accelerate launch scripts/train.py``).
+
+Data are small images held as one uint8 tensor (``edl_timm.data``); accelerate shards an index
+dataset across processes, so every process sees its own disjoint slice, and augmentation runs on
+the batch. Checkpoints are ``accelerator.save_state`` folders written under a temporary name and
+renamed when complete.
+"""
+import dataclasses
+import difflib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attacks import Normalized, fgsm_rs, pgd, trades_adversary
+from .data import load_image_split, random_crop_flip
+from .layers import is_edl_layer
+
+__all__ = ["TrainConfig", "train", "TrainingInputError", "ADV_OBJECTIVES"]
+
+ADV_OBJECTIVES = ("none", "pgd", "trades", "fgsm")
+
+
+class TrainingInputError(ValueError):
+    """Bad input found before training starts (the message says what to do)."""
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    dataset: str = "uoft-cs/cifar10"
+    output_dir: str = "runs/train"
+    pretrained: bool = False
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    num_classes: Optional[int] = None
+    image_column: Optional[str] = None
+    label_column: Optional[str] = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    train_subset: Optional[int] = None
+    eval_subset: Optional[int] = 500
+    epochs: int = 10
+    max_steps: Optional[int] = None
+    batch_size: int = 128
+    grad_accum: int = 1
+    lr: float = 0.1
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    grad_clip: Optional[float] = None
+    adv: str = "none"
+    eps: float = 8 / 255
+    alpha: Optional[float] = None
+    steps: int = 10
+    trades_beta: float = 6.0
+    elastic_from_epoch: int = 0
+    eval_pgd_steps: int = 10
+    augment: bool = True
+    mixed_precision: str = "no"
+    seed: int = 0
+    checkpoint_every: Optional[int] = None
+    keep_checkpoints: int = 2
+    resume: Optional[str] = None
+    num_workers: int = 0
+    log_with: Optional[str] = None
+    quiet: bool = False
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+def _build_model(cfg: TrainConfig, n_classes_data: int):
+    import timm
+
+    from .hub import create_model
+
+    name = cfg.model
+    base = name.split(":", 1)[1] if ":" in name and name.split(":", 1)[0] in ("hf-hub", "local-dir") else name
+    if not os.path.isdir(name) and ":" not in name and not timm.is_model(base.split(".")[0]):
+        close = difflib.get_close_matches(base, timm.list_models(), n=3)
+        raise TrainingInputError(
+            f"unknown model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
+            + " (timm.list_models() lists them; EDL models are edl_*)"
+        )
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.num_classes is not None:
+        kwargs["num_classes"] = cfg.num_classes
+    is_checkpoint = os.path.isdir(name) or name.startswith(("hf-hub:", "local-dir:"))
+    if cfg.pretrained or is_checkpoint:
+        model = create_model(name, pretrained=True, require_edl=False, **kwargs)
+    else:
+        kwargs.setdefault("num_classes", n_classes_data)
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    if model.num_classes != n_classes_data and cfg.num_classes is None:
+        raise TrainingInputError(
+            f"the model's head has {model.num_classes} classes but the data set has {n_classes_data}: "
+            f"pass --num-classes {n_classes_data} to replace the classifier"
+        )
+    return model
+
+
+def _num_classes_of(labels: torch.Tensor, features_names: Optional[List[str]]) -> int:
+    return len(features_names) if features_names else int(labels.max()) + 1
+
+
+def _load_data(cfg: TrainConfig, split: str, subset: Optional[int], seed: int):
+    try:
+        return load_image_split(cfg.dataset, split, None, cfg.image_column, cfg.label_column, with_names=True,
+                                subset=subset, seed=seed)
+    except FileNotFoundError as e:
+        raise TrainingInputError(f"data set {cfg.dataset!r}: {e}") from e
+    except ValueError as e:
+        raise TrainingInputError(str(e)) from e
+    except Exception as e:  # datasets raises its own types for a missing Hub id or no network
+        raise TrainingInputError(
+            f"cannot load data set {cfg.dataset!r} split {split!r} ({type(e).__name__}: {e}); give a local parquet "
+            "folder (train.parquet/test.parquet), an image folder, or a Hub id cached for offline use (HF_DATASETS_OFFLINE=1)"
+        ) from e
+
+
+def _fit_size(images: torch.Tensor, size) -> torch.Tensor:
+    """Resize uint8 images to the model's input size (timm's data config) when they differ."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    out = F.interpolate(images.float(), size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+def _edl_layers(model: nn.Module):
+    return [m for m in model.modules() if is_edl_layer(m)]
+
+
+def _set_edl_phase(model: nn.Module, elastic: bool) -> None:
+    """The paper's schedule: Vanilla DL (beta = 1) first, elastic afterwards. beta_logit keeps
+    requires_grad=True in both phases so that DDP registers the same parameters throughout."""
+    for m in _edl_layers(model):
+        if m.mode in ("elastic", "vanilla"):
+            m.set_mode("elastic" if elastic else "vanilla")
+            m.beta_logit.requires_grad_(True)
+
+
+def _loss(cfg: TrainConfig, net: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Generator):
+    alpha = cfg.alpha if cfg.alpha is not None else (1.25 * cfg.eps if cfg.adv == "fgsm" else 2.5 * cfg.eps / cfg.steps)
+    if cfg.adv == "none":
+        return F.cross_entropy(net(x), y), x
+    if cfg.adv == "fgsm":
+        x_adv = fgsm_rs(net, x, y, cfg.eps, alpha, generator=g)
+        return F.cross_entropy(net(x_adv), y), x_adv
+    if cfg.adv == "pgd":
+        x_adv = pgd(net, x, y, cfg.eps, alpha, cfg.steps, generator=g)
+        return F.cross_entropy(net(x_adv), y), x_adv
+    # TRADES (Zhang et al. 2019): natural loss + beta * KL(f(x_adv) || f(x))
+    x_adv = trades_adversary(net, x, cfg.eps, alpha, cfg.steps, generator=g)
+    logits = net(x)
+    kl = F.kl_div(F.log_softmax(net(x_adv), 1), F.softmax(logits, 1), reduction="batchmean")
+    return F.cross_entropy(logits, y) + cfg.trades_beta * kl, x_adv
+
+
+def _evaluate(accelerator, net, images, labels, cfg: TrainConfig, batch_size: int) -> Dict[str, Any]:
+    """Clean and PGD accuracy on the held-out subset; ``gather_for_metrics`` counts every example
+    exactly once across processes (it drops the padding of the last uneven batch)."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(len(labels))), batch_size=batch_size)
+    loader = accelerator.prepare_data_loader(loader)
+    was_training = net.training
+    net.eval()
+    correct = correct_adv = total = 0
+    g = torch.Generator(device=accelerator.device).manual_seed(cfg.seed + 7)
+    for (idx,) in loader:
+        idx = idx.cpu()
+        x = images[idx].to(accelerator.device).float().div_(255)
+        y = labels[idx].to(accelerator.device)
+        with torch.no_grad():
+            pred = net(x).argmax(1)
+        x_adv = pgd(net, x, y, cfg.eps, 2.5 * cfg.eps / cfg.eval_pgd_steps, cfg.eval_pgd_steps, generator=g)
+        with torch.no_grad():
+            pred_adv = net(x_adv).argmax(1)
+        pred, pred_adv, y = accelerator.gather_for_metrics((pred, pred_adv, y))
+        correct += (pred == y).sum().item()
+        correct_adv += (pred_adv == y).sum().item()
+        total += len(y)
+    net.train(was_training)
+    return {"eval_n": total, "clean_acc": 100.0 * correct / total, f"pgd{cfg.eval_pgd_steps}_acc": 100.0 * correct_adv / total}
+
+
+def _latest_checkpoint(output_dir: Path) -> Optional[Path]:
+    ckpts = sorted((output_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    ckpts = [p for p in ckpts if (p / "trainer_state.json").exists()]
+    return ckpts[-1] if ckpts else None
+
+
+def _save_checkpoint(accelerator, output_dir: Path, state: Dict[str, Any], keep: int) -> None:
+    """``save_state`` into a temporary folder, then one rename: a crash while writing leaves the
+    previous checkpoint as it was (accelerate's own ``total_limit`` rotation writes in place)."""
+    root = output_dir / "checkpoints"
+    final = root / f"step_{state['step']:08d}"
+    tmp = root / f".tmp_step_{state['step']:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        done = sorted((p for p in root.glob("step_*")), key=lambda p: int(p.name.split("_")[1]))
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _save_final(accelerator, model: nn.Module, output_dir: Path, cfg: TrainConfig, metrics: Dict[str, Any]) -> None:
+    from timm.models._hub import save_for_hf
+
+    if not accelerator.is_main_process:
+        return
+    model = accelerator.unwrap_model(model)
+    tmp = output_dir / ".final_tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model_args = dict(getattr(model, "edl_cfg", {}))
+    save_for_hf(model, tmp, model_args=model_args or None, safe_serialization=True)
+    for f in tmp.iterdir():
+        os.replace(f, output_dir / f.name)
+    tmp.rmdir()
+    (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+def _params_checksum(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Train or fine-tune ``cfg.model``; returns the final metrics (also in output_dir/metrics.json)."""
+    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+    from accelerate.utils import set_seed
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler, StepLRScheduler
+
+    if cfg.adv not in ADV_OBJECTIVES:
+        raise TrainingInputError(f"--adv must be one of {ADV_OBJECTIVES}, got {cfg.adv!r}")
+    if cfg.mixed_precision not in ("no", "bf16", "fp16"):
+        raise TrainingInputError(f"--mixed-precision must be no, bf16 or fp16, got {cfg.mixed_precision!r}")
+    output_dir = Path(cfg.output_dir)
+    # data first: a bad data set fails in seconds, before any model is built
+    train_x, train_y, names = _load_data(cfg, cfg.train_split, cfg.train_subset, cfg.seed)
+    eval_x, eval_y, _ = _load_data(cfg, cfg.eval_split, cfg.eval_subset, 0)
+    n_classes = _num_classes_of(train_y, names)
+    for split, ys in ((cfg.train_split, train_y), (cfg.eval_split, eval_y)):
+        if ys.min() < 0 or ys.max() >= (cfg.num_classes or n_classes):
+            raise TrainingInputError(
+                f"labels of split {split!r} range over [{ys.min()}, {ys.max()}] but the model has "
+                f"{cfg.num_classes or n_classes} classes: fix the label column or pass --num-classes"
+            )
+
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.elastic_from_epoch > 0)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=[ddp],
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), log_with=cfg.log_with,
+        project_dir=str(output_dir),
+    )
+    set_seed(cfg.seed)
+    model = _build_model(cfg, cfg.num_classes or n_classes)
+    data_cfg = model.pretrained_cfg
+    size = tuple(data_cfg.get("input_size", (3,) + tuple(train_x.shape[-2:])))[-2:]
+    train_x, eval_x = _fit_size(train_x, size), _fit_size(eval_x, size)
+    net = Normalized(model, data_cfg.get("mean", (0.0,) * 3), data_cfg.get("std", (1.0,) * 3))
+    if cfg.elastic_from_epoch > 0:
+        _set_edl_phase(model, elastic=False)
+
+    steps_per_epoch = len(train_y) // (cfg.batch_size * accelerator.num_processes * cfg.grad_accum)
+    if steps_per_epoch == 0:
+        raise TrainingInputError(
+            f"{len(train_y)} training images are fewer than one global batch "
+            f"({cfg.batch_size} x {accelerator.num_processes} processes x {cfg.grad_accum} accumulation)"
+        )
+    total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    optimizer = create_optimizer_v2(net, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "cosine":
+        scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps, 1), warmup_t=warmup, warmup_lr_init=cfg.lr * 0.01,
+                                      t_in_epochs=False)
+    else:
+        scheduler = StepLRScheduler(optimizer, decay_t=max(total_steps // 3, 1), decay_rate=0.1, warmup_t=warmup,
+                                    warmup_lr_init=cfg.lr * 0.01, t_in_epochs=False)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.arange(len(train_y))), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+        num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    net, optimizer, loader = accelerator.prepare(net, optimizer, loader)
+    accelerator.register_for_checkpointing(scheduler)
+
+    step, start_epoch, skip = 0, 0, 0
+    if cfg.resume:
+        ckpt = _latest_checkpoint(output_dir) if cfg.resume == "auto" else Path(cfg.resume)
+        if ckpt is None or not (ckpt / "trainer_state.json").exists():
+            raise TrainingInputError(f"no complete checkpoint to resume from at {ckpt or output_dir / 'checkpoints'}")
+        accelerator.load_state(str(ckpt))
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
+    elif accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.log_with:
+        accelerator.init_trackers("edl-timm", config={k: v for k, v in dataclasses.asdict(cfg).items()
+                                                      if isinstance(v, (int, float, str, bool))})
+    log_path = output_dir / "log.jsonl"
+    metrics: Dict[str, Any] = {}
+
+    def log(record):
+        if accelerator.is_main_process:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if cfg.log_with:
+            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, disable=cfg.quiet or not accelerator.is_local_main_process, desc="train")
+    t0 = time.time()
+    images_seen = 0
+    done = step >= total_steps
+    epoch = start_epoch
+    while not done and epoch < cfg.epochs:
+        if cfg.elastic_from_epoch > 0:
+            _set_edl_phase(accelerator.unwrap_model(net).model, elastic=epoch >= cfg.elastic_from_epoch)
+        loader.set_epoch(epoch)
+        epoch_loader = accelerator.skip_first_batches(loader, skip * cfg.grad_accum) if skip else loader
+        batch_in_epoch = skip
+        skip = 0
+        net.train()
+        for micro, (idx,) in enumerate(epoch_loader):
+            # one generator per (step, micro-batch, process): augmentation and attack noise are
+            # reproduced exactly on resume without saving their state
+            g = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * 64 + micro % cfg.grad_accum) * 4096
+                                              + accelerator.process_index)
+            idx = idx.cpu()
+            x = train_x[idx]
+            if cfg.augment:
+                x = random_crop_flip(x, padding=max(x.shape[-1] // 8, 1), generator=g)
+            x = x.to(accelerator.device).float().div_(255)
+            y = train_y[idx].to(accelerator.device)
+            gd = g if accelerator.device.type == "cpu" else torch.Generator(device=accelerator.device).manual_seed(g.initial_seed())
+            with accelerator.accumulate(net):
+                loss, x_adv = _loss(cfg, net, x, y, gd)
+                accelerator.backward(loss)
+                if cfg.grad_clip and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            images_seen += len(y)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            batch_in_epoch += 1
+            scheduler.step_update(num_updates=step)
+            bar.update(1)
+            if step % 10 == 0 or step == total_steps:
+                log({"step": step, "epoch": epoch, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
+                _save_checkpoint(accelerator, output_dir, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch},
+                                 cfg.keep_checkpoints)
+            if step >= total_steps:
+                done = True
+                break
+        epoch_end = batch_in_epoch >= steps_per_epoch
+        metrics = _evaluate(accelerator, net, eval_x, eval_y, cfg, cfg.batch_size)
+        metrics.update(step=step, epoch=epoch, loss=loss.item(), images_per_s=images_seen * accelerator.num_processes
+                       / max(time.time() - t0, 1e-9))
+        log(dict(metrics))
+        if epoch_end:
+            epoch += 1
+        if not done:
+            _save_checkpoint(accelerator, output_dir, {"step": step, "epoch": epoch, "batch_in_epoch": 0},
+                             cfg.keep_checkpoints)
+    bar.close()
+    # every process must end with the same weights; a difference is a sharding or DDP bug
+    sums = accelerator.gather(_params_checksum(accelerator.unwrap_model(net)).to(accelerator.device))
+    metrics["ranks_identical"] = bool(torch.all(sums == sums[0]).item())
+    metrics["num_processes"] = accelerator.num_processes
+    metrics["betas"] = {n: round(m.beta.item(), 4) for n, m in accelerator.unwrap_model(net).model.named_modules()
+                        if is_edl_layer(m)}
+    _save_final(accelerator, accelerator.unwrap_model(net).model, output_dir, cfg, metrics)
+    if cfg.log_with:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return metrics

@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Evaluate a model's robustness: clean, PGD and AutoAttack, optionally with the gradient-masking audit.
+
+    python scripts/evaluate.py --model runs/rn18 --dataset ../shared/data/cifar10 --n 1000 --audit --surrogate runs/rn18_twin
+
+Writes a JSON report (--output, default <model folder>/eval_report.json or eval_report.json) in the
+shape scripts/push_to_hub.py turns into a model card, and prints a short table.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from edl_timm.data import is_sorted_by_label, load_image_split, select_subset
+from edl_timm.evaluation import evaluate, format_table
+from edl_timm.hub import CheckpointError, WeightsUnavailableError, create_model, sha256_file
+
+
+def parse_eps(text):
+    if "/" in text:
+        a, b = text.split("/")
+        return float(a) / float(b)
+    value = float(text)
+    return value / 255 if value > 1 else value
+
+
+def weights_file(model, source):
+    """The safetensors file the model's weights came from, when there is one."""
+    if os.path.isdir(source):
+        return Path(source) / "model.safetensors"
+    cfg = model.pretrained_cfg
+    if cfg.get("file"):
+        f = Path(cfg["file"])
+        return f / "model.safetensors" if f.is_dir() else f
+    if cfg.get("hf_hub_id"):
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(cfg["hf_hub_id"].split("@")[0], "model.safetensors")
+        return Path(found) if isinstance(found, str) else None
+    return None
+
+
+def dataset_note(dataset):
+    readme = Path(dataset) / "README.md"
+    if readme.exists() and "jpeg" in readme.read_text().lower():
+        from edl_timm.publish import JPEG_NOTE
+
+        return "measured on " + JPEG_NOTE
+    return ""
+
+
+def load(source, pretrained, device):
+    model = create_model(source, pretrained=pretrained, require_edl=False)
+    return model.to(device).eval()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="arch.tag, hf-hub:org/name, local-dir:/path or a training output folder")
+    p.add_argument("--pretrained", action="store_true", help="for a registry name: load its pretrained weights")
+    p.add_argument("--dataset", default="uoft-cs/cifar10")
+    p.add_argument("--split", default="test")
+    p.add_argument("--image-column", default=None)
+    p.add_argument("--label-column", default=None)
+    p.add_argument("--n", type=int, default=1000, help="first N test examples (a seeded random N if the split is sorted by class)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--norm", default="Linf", choices=["Linf", "L2"])
+    p.add_argument("--eps", type=parse_eps, default=8 / 255)
+    p.add_argument("--steps", type=int, default=20, help="PGD steps")
+    p.add_argument("--step-size", type=parse_eps, default=None, help="PGD step (default 2.5 eps / steps)")
+    p.add_argument("--restarts", type=int, default=1)
+    p.add_argument("--autoattack", default="standard", choices=["standard", "plus", "custom", "none"])
+    p.add_argument("--aa-attacks", nargs="*", default=None, help="attack list for --autoattack custom, e.g. apgd-ce apgd-t")
+    p.add_argument("--audit", action="store_true", help="run the gradient-masking audit")
+    p.add_argument("--surrogate", default=None, help="model for the audit's transfer attack (e.g. the plain mode=none twin)")
+    p.add_argument("--output", default=None, help="JSON report path")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.autoattack == "custom" and not args.aa_attacks:
+        p.error("--autoattack custom needs --aa-attacks")
+    try:
+        model = load(args.model, args.pretrained, args.device)
+        surrogate = load(args.surrogate, False, args.device) if args.surrogate else None
+        x, y = load_image_split(args.dataset, args.split, None, args.image_column, args.label_column)
+    except (CheckpointError, WeightsUnavailableError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    keep = select_subset(y, args.n, args.seed)
+    if args.n is None or args.n >= len(y):
+        selection = f"all {len(y)} images"
+    elif is_sorted_by_label(y):
+        selection = f"{len(keep)} images drawn at random (seed {args.seed}): the split is sorted by class"
+    else:
+        selection = f"first {len(keep)} images"
+    x, y = x[keep], y[keep]
+    out = Path(args.output) if args.output else (Path(args.model) if os.path.isdir(args.model) else Path(".")) / "eval_report.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    wf = weights_file(model, args.model)
+    report = evaluate(
+        model, x, y, source=args.model, eps=args.eps, norm=args.norm, pgd_steps=args.steps, pgd_step_size=args.step_size,
+        restarts=args.restarts, autoattack=None if args.autoattack == "none" else args.autoattack,
+        autoattack_attacks=args.aa_attacks, do_audit=args.audit, surrogate=surrogate, surrogate_name=args.surrogate or "",
+        plot_path=str(out.with_suffix(".eps_sweep.png")) if args.audit else None, batch_size=args.batch_size, seed=args.seed, verbose=not args.quiet,
+        data={"dataset": args.dataset, "split": args.split, "selection": selection, "note": dataset_note(args.dataset)},
+        weights_sha256=sha256_file(wf) if wf and wf.exists() else None,
+    )
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out)
+    print(format_table(report))
+    print(f"report: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""Package a training output and its evaluation report for the Hugging Face Hub, and upload it.
+
+    python scripts/push_to_hub.py --train-dir runs/rn18 --eval-report runs/rn18/eval_report.json \
+        --tag cifar10_fgsm_at --default --dry-run --output-dir releases/edl_resnet18.cifar10_fgsm_at
+
+Writes a Hub-ready folder (model.safetensors, timm config.json, model card README.md,
+eval_report.json) and the checkpoint's hub_configs/<architecture>.<tag>.yaml, then uploads the
+folder with huggingface_hub (token from --token, HF_TOKEN or `hf auth login`), unless --dry-run.
+"""
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from edl_timm.hub import CheckpointError
+from edl_timm.publish import build_release, upload_release
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--train-dir", required=True, help="training output: model.safetensors + config.json (+ args.json)")
+    p.add_argument("--eval-report", required=True, help="scripts/evaluate.py's JSON report for these weights")
+    p.add_argument("--tag", required=True, help="timm tag, e.g. cifar10_fgsm_at")
+    p.add_argument("--repo-id", default=None, help="default: edl-timm/<architecture>.<tag>")
+    p.add_argument("--default", action="store_true", help="make this the architecture's default tag")
+    p.add_argument("--output-dir", default=None, help="where to write the Hub-ready folder (default: a temporary folder)")
+    p.add_argument("--hub-configs-dir", default=str(Path(__file__).resolve().parents[1] / "hub_configs"))
+    p.add_argument("--dataset-id", default=None, help="Hub id of the training data (needed when the report names a local folder)")
+    p.add_argument("--license", default="apache-2.0")
+    p.add_argument("--notes", default="")
+    p.add_argument("--dry-run", action="store_true", help="write the folder and the hub config, upload nothing")
+    p.add_argument("--token", default=None)
+    p.add_argument("--private", action="store_true")
+    args = p.parse_args(argv)
+    report = json.loads(Path(args.eval_report).read_text())
+    out = Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix="edl_release_"))
+    try:
+        cfg = build_release(args.train_dir, report, out, args.tag, repo_id=args.repo_id, hub_configs_dir=args.hub_configs_dir,
+                            default=args.default, license=args.license, notes=args.notes, dataset_id=args.dataset_id)
+    except (CheckpointError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"release folder: {out}\nhub config: {Path(args.hub_configs_dir) / (cfg['architecture'] + '.' + cfg['tag'] + '.yaml')}")
+    if args.dry_run:
+        return 0
+    print("uploaded:", upload_release(out, cfg["hf_hub_id"], token=args.token, private=args.private))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

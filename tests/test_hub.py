@@ -1,0 +1,269 @@
+"""hub_configs validation, publishing, and loading through the Hub code path against local files."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import load_file
+from timm.models import generate_default_cfgs
+from timm.models._hub import save_for_hf
+
+import edl_timm
+from edl_timm import hub
+from edl_timm.evaluation import evaluate
+from edl_timm.publish import build_release
+
+from conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def good_config(**over):
+    cfg = {
+        "hf_hub_id": "edl-timm/edl_resnet18.unit", "architecture": "edl_resnet18", "tag": "unit", "default": True,
+        "model_args": {"num_iters": 3}, "dataset": {"id": "uoft-cs/cifar10", "note": "JPEG copy"},
+        "threat_model": {"norm": "Linf", "eps": 8 / 255}, "recipe": {"adv": "fgsm", "epochs": 1},
+        "metrics": [{"attack": "clean", "accuracy": 50.0, "n": 100, "dataset": "cifar10 test"},
+                    {"attack": "pgd", "accuracy": 20.0, "n": 100, "dataset": "cifar10 test", "norm": "Linf", "eps": 8 / 255}],
+        "license": "apache-2.0",
+    }
+    cfg.update(over)
+    return cfg
+
+
+def write(dirpath, cfg, name=None):
+    path = Path(dirpath) / (name or f"{cfg['architecture']}.{cfg['tag']}.yaml")
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# ------------------------------------------------------------------------------- hub_configs
+
+def test_shipped_configs_are_valid_and_registered():
+    cfgs = hub.load_hub_configs(known_architectures=timm.list_models("edl_*"))
+    for cfg in cfgs:
+        name = f"{cfg['architecture']}.{cfg['tag']}"
+        assert name in timm.list_pretrained("edl_*"), name
+        assert timm.models.get_pretrained_cfg(name).hf_hub_id == cfg["hf_hub_id"]
+    assert len(timm.list_pretrained("edl_*")) == len(cfgs)
+
+
+def test_valid_config_becomes_timm_tags_with_the_default_first(tmp_path):
+    write(tmp_path, good_config(tag="other", default=False, hf_hub_id="edl-timm/other"))
+    write(tmp_path, good_config())
+    entries = hub.pretrained_cfgs_for(["edl_resnet18"], lambda a: {"num_classes": 10, "url": ""}, tmp_path)
+    assert set(entries) == {"edl_resnet18.unit*", "edl_resnet18.other"}
+    default = generate_default_cfgs({"edl_resnet18": {"num_classes": 10}, **entries})["edl_resnet18"]
+    assert default.tags[0] == "unit" and default.is_pretrained
+    assert default.cfgs["unit"].hf_hub_id == "edl-timm/edl_resnet18.unit"
+    assert hub.hub_model_args("edl_resnet18", "unit") == {"num_iters": 3}
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"hf_hub_id": None}, "'hf_hub_id'"),
+    ({"hf_hub_id": "no-slash"}, "'hf_hub_id'"),
+    ({"architecture": "resnet18"}, "'architecture'"),
+    ({"architecture": "edl_resnet99"}, "'architecture'"),
+    ({"metrics": [{"attack": "pgd", "accuracy": 20.0, "n": 100, "dataset": "x"}]}, "'metrics[0].norm'"),
+    ({"metrics": [{"attack": "clean", "accuracy": 120.0, "n": 100, "dataset": "x"}]}, "'metrics[0].accuracy'"),
+    ({"metrics": [{"attack": "clean", "accuracy": 50.0, "dataset": "x"}]}, "'metrics[0].n'"),
+    ({"threat_model": {"norm": "Linf"}}, "'threat_model.eps'"),
+])
+def test_malformed_config_names_file_and_field(tmp_path, change, field):
+    cfg = good_config(**change)
+    path = write(tmp_path, cfg, "edl_resnet18.unit.yaml")
+    with pytest.raises(hub.HubConfigError) as err:
+        hub.load_hub_config(path, known_architectures=timm.list_models("edl_*"))
+    assert str(path) in str(err.value) and field in str(err.value)
+
+
+def test_file_name_must_match_and_one_default_per_architecture(tmp_path):
+    path = write(tmp_path, good_config(), "edl_resnet18.wrong.yaml")
+    with pytest.raises(hub.HubConfigError, match="must be named edl_resnet18.unit.yaml"):
+        hub.load_hub_config(path)
+    path.unlink()
+    write(tmp_path, good_config())
+    write(tmp_path, good_config(tag="second", hf_hub_id="edl-timm/second"))
+    with pytest.raises(hub.HubConfigError, match="'default'.*already the default"):
+        hub.load_hub_configs(tmp_path)
+
+
+# ------------------------------------------------------------------------- publish and load
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, an unreachable endpoint, and offline mode on."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(hub, "_REACHABLE", {})
+    return cache
+
+
+@pytest.fixture
+def release(tmp_path):
+    """A published folder of a small EDL model (num_iters=3, vanilla) with a real report."""
+    torch.manual_seed(0)
+    model = timm.create_model("edl_resnet18", mode="vanilla", num_iters=3, **TINY).eval()
+    train_dir = tmp_path / "train"
+    save_for_hf(model, train_dir, model_args=dict(model.edl_cfg), safe_serialization=True)
+    x = torch.rand(8, 3, 32, 32)
+    report = evaluate(model, x, model(x).argmax(1), source=str(train_dir), autoattack=None, pgd_steps=2,
+                      weights_sha256=hub.sha256_file(train_dir / "model.safetensors"),
+                      data={"dataset": "uoft-cs/cifar10", "split": "test", "selection": "8 random tensors"})
+    out = tmp_path / "release"
+    cfg = build_release(train_dir, report, out, "unit", hub_configs_dir=tmp_path / "configs", default=True)
+    return model, out, cfg, tmp_path / "configs"
+
+
+def test_release_folder_is_timm_format_with_card_and_config(release):
+    model, out, cfg, configs = release
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "eval_report.json", "model.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "edl_resnet18"
+    assert config["model_args"]["num_iters"] == 3 and config["model_args"]["mode"] == "vanilla"
+    weights = load_file(out / "model.safetensors")
+    for k, v in model.state_dict().items():
+        assert torch.equal(weights[k], v), k
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "timm" and front["license"] == "apache-2.0"
+    metrics = front["model-index"][0]["results"][0]["metrics"]
+    assert [m["value"] for m in metrics] == [round(m["accuracy"], 2) for m in cfg["metrics"]]
+    for section in ("## Usage", "accelerate launch scripts/train.py", "## Training recipe", "## Results", "## Limitations",
+                    "## Citation", "2502.00834"):
+        assert section in card
+    written = hub.load_hub_config(configs / "edl_resnet18.unit.yaml", timm.list_models("edl_*"))
+    assert written["hf_hub_id"] == "edl-timm/edl_resnet18.unit" and written["default"] is True
+
+
+def test_release_refuses_weights_that_were_not_evaluated(release, tmp_path):
+    _, out, _, _ = release
+    report = json.loads((out / "eval_report.json").read_text())
+    report["model"]["weights_sha256"] = "0" * 64
+    with pytest.raises(edl_timm.hub.CheckpointError, match="evaluate these weights"):
+        build_release(tmp_path / "train", report, tmp_path / "again", "unit2")
+    assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("how", ["hf-hub", "registry", "local-dir"])
+def test_published_folder_loads_offline_identically(release, hf_cache, how):
+    model, out, cfg, _ = release
+    repo = cfg["hf_hub_id"]
+    snapshot = hub.install_into_cache(out, repo)
+    assert snapshot.parent.parent.name == "models--edl-timm--edl_resnet18.unit"
+    assert (snapshot.parent.parent / "refs" / "main").read_text() == snapshot.name
+    assert (snapshot / "model.safetensors").is_symlink()
+    if how == "hf-hub":
+        loaded = timm.create_model(f"hf-hub:{repo}", pretrained=True)
+        again = hub.create_model(f"hf-hub:{repo}")
+        assert again.edl_cfg == loaded.edl_cfg
+    elif how == "registry":
+        loaded = timm.create_model("edl_resnet18", pretrained=True, mode="vanilla", num_iters=3, **TINY,
+                                   pretrained_cfg_overlay={"hf_hub_id": repo})
+    else:
+        loaded = hub.create_model(f"local-dir:{out}")
+    loaded.eval()
+    assert loaded.edl_cfg["mode"] == "vanilla" and loaded.edl_cfg["num_iters"] == 3
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_no_network_and_nothing_cached_fails_fast_with_remedies(hf_cache, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # "online", but the endpoint refuses connections
+    t0 = time.time()
+    with pytest.raises(hub.WeightsUnavailableError) as err:
+        hub.create_model("hf-hub:edl-timm/edl_resnet18.missing")
+    with pytest.raises(hub.WeightsUnavailableError):
+        timm.create_model("edl_resnet18", pretrained=True, pretrained_cfg_overlay={"hf_hub_id": "edl-timm/missing"})
+    assert time.time() - t0 < 10
+    msg = str(err.value)
+    for part in ("edl-timm/edl_resnet18.missing", "cannot be reached", "HF_HUB_OFFLINE=1", "local-dir:", "hf download"):
+        assert part in msg
+
+
+def test_offline_and_nothing_cached_names_the_repository(hf_cache):
+    with pytest.raises(hub.WeightsUnavailableError, match="'edl-timm/nothing'.*offline mode"):
+        hub.create_model("hf-hub:edl-timm/nothing")
+
+
+def test_hub_unreachable_but_cached_loads_from_cache(release, hf_cache, monkeypatch):
+    from huggingface_hub import constants
+
+    model, out, cfg, _ = release
+    hub.install_into_cache(out, cfg["hf_hub_id"])
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    loaded = hub.create_model(f"hf-hub:{cfg['hf_hub_id']}").eval()
+    assert constants.HF_HUB_OFFLINE is False  # restored after the load
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_truncated_weights_give_a_clear_error(release, hf_cache):
+    _, out, cfg, _ = release
+    data = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(hub.CheckpointError, match="truncated or corrupted"):
+        hub.create_model(f"local-dir:{out}")
+    hub.install_into_cache(out, cfg["hf_hub_id"])
+    with pytest.raises(hub.CheckpointError, match="truncated or corrupted"):
+        hub.create_model(f"hf-hub:{cfg['hf_hub_id']}")
+    (out / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+    with pytest.raises(hub.CheckpointError, match="truncated or corrupted"):
+        hub.create_model(f"local-dir:{out}")
+
+
+def test_wrong_architecture_and_wrong_shapes_give_clear_errors(release, tmp_path):
+    _, out, _, _ = release
+    config = json.loads((out / "config.json").read_text())
+    plain = dict(config, architecture="resnet18")
+    (out / "config.json").write_text(json.dumps(plain))
+    with pytest.raises(hub.CheckpointError, match="'resnet18' is not an edl_\\* model"):
+        hub.create_model(f"local-dir:{out}")
+    wrong = dict(config)
+    wrong["model_args"] = dict(config["model_args"], channels=[8, 16, 32, 64])
+    (out / "config.json").write_text(json.dumps(wrong))
+    with pytest.raises(hub.CheckpointError, match="do not fit the model.*size mismatch"):
+        hub.create_model(f"local-dir:{out}")
+
+
+def test_registry_pretrained_without_weights_says_how_to_load():
+    with pytest.raises(RuntimeError, match="no pretrained weights are published for 'edl_resnet34'.*local-dir"):
+        timm.create_model("edl_resnet34", pretrained=True)
+
+
+@pytest.mark.slow
+def test_wheel_ships_hub_configs_and_registers_their_tags(tmp_path):
+    """Build a wheel from a copy of the repo with one extra config; installed elsewhere, timm lists its tag."""
+    src = tmp_path / "src"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(src)], check=True)
+    for rel in ("edl_timm", "hub_configs", "pyproject.toml"):  # the working tree, not only what is committed
+        subprocess.run(["rm", "-rf", str(src / rel)], check=True)
+        subprocess.run(["cp", "-r", str(ROOT / rel), str(src / rel)], check=True)
+    write(src / "hub_configs", good_config())
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(src)], check=True)
+    wheel = next((tmp_path / "dist").glob("edl_timm-*.whl"))
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)], check=True)
+    code = ("import edl_timm, timm; print(edl_timm.__file__); print(timm.list_pretrained('edl_*')); "
+            "print(timm.models.get_pretrained_cfg('edl_resnet18').hf_hub_id)")
+    env = dict(os.environ, PYTHONPATH=str(target))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
+    lines = out.strip().splitlines()
+    assert lines[0].startswith(str(target))
+    assert "'edl_resnet18.unit'" in lines[1]
+    assert lines[2] == "edl-timm/edl_resnet18.unit"
