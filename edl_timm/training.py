@@ -230,12 +230,33 @@ def _save_final(accelerator, model: nn.Module, output_dir: Path, cfg: TrainConfi
     tmp = output_dir / ".final_tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model_args = dict(getattr(model, "edl_cfg", {}))
+    modes = {m.mode for m in _edl_layers(model)}
+    if model_args.get("mode") == "elastic" and modes == {"vanilla"}:
+        # the run ended before --elastic-from-epoch: what was trained (and must reload) is Vanilla DL
+        model_args["mode"] = model.edl_cfg["mode"] = "vanilla"
     save_for_hf(model, tmp, model_args=model_args or None, safe_serialization=True)
     for f in tmp.iterdir():
         os.replace(f, output_dir / f.name)
     tmp.rmdir()
     (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+class _SolverState:
+    """The EDL layers' power-iteration vectors, saved with each checkpoint. They are derived state
+    kept out of the model's state dict (their shape follows the input size), but the step size of
+    the next training step is computed from them, so an exact resume needs them."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = [(n, m) for n, m in model.named_modules() if is_edl_layer(m)]
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {n: m._power_u.detach().cpu().clone() for n, m in self.layers}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        for n, m in self.layers:
+            if n in state:
+                m._power_u = state[n].to(m.weight.device)
 
 
 def _params_checksum(model: nn.Module) -> torch.Tensor:
@@ -302,6 +323,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     )
     net, optimizer, loader = accelerator.prepare(net, optimizer, loader)
     accelerator.register_for_checkpointing(scheduler)
+    accelerator.register_for_checkpointing(_SolverState(accelerator.unwrap_model(net)))
 
     step, start_epoch, skip = 0, 0, 0
     if cfg.resume:

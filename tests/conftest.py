@@ -30,12 +30,12 @@ def cifar_dir():
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, cifar_dir):
-    """A tiny EDL ResNet trained for 2 epochs on 1,024 CIFAR-10 images (about 20 s): a real model
+    """A tiny EDL ResNet trained for 2 epochs (128 steps) on 2,048 CIFAR-10 images (about 30 s): a real model
     for the evaluation and publishing tests."""
     from edl_timm.training import TrainConfig, train
 
     out = tmp_path_factory.mktemp("tiny_run")
     cfg = TrainConfig(model="edl_resnet18", model_kwargs=dict(TINY), dataset=str(cifar_dir), output_dir=str(out),
-                      train_subset=1024, eval_subset=64, epochs=2, batch_size=64, lr=0.05, eval_pgd_steps=2, quiet=True)
+                      train_subset=2048, eval_subset=64, epochs=2, batch_size=32, lr=0.05, eval_pgd_steps=2, quiet=True)
     metrics = train(cfg)
     return out, metrics

@@ -1,0 +1,166 @@
+"""Training with accelerate: objectives, bad input, fine-tuning, multi-process and exact resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+from timm.models._hub import save_for_hf
+
+from edl_timm.attacks import Normalized
+from edl_timm.data import load_image_split
+from edl_timm.training import TrainConfig, TrainingInputError, _loss, train
+
+from conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_ARGS = ["layers=(1,1,1,1)", "channels=(16,32,64,128)"]
+
+
+@pytest.fixture(scope="module")
+def batch(cifar_dir):
+    x, y = load_image_split(str(cifar_dir), "train", subset=32, seed=3)
+    return x.float() / 255, y
+
+
+@pytest.mark.parametrize("adv", ["none", "fgsm", pytest.param("pgd", marks=pytest.mark.slow),
+                                 pytest.param("trades", marks=pytest.mark.slow)])
+def test_each_objective_lowers_its_loss(batch, adv):
+    torch.manual_seed(0)
+    x, y = batch
+    model = timm.create_model("edl_resnet18", **TINY)
+    net = Normalized(model, model.pretrained_cfg["mean"], model.pretrained_cfg["std"]).train()
+    cfg = TrainConfig(model="edl_resnet18", adv=adv, steps=3, eps=8 / 255)
+    opt = torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9)
+    losses = []
+    for step in range(30):
+        g = torch.Generator().manual_seed(step)
+        loss, x_adv = _loss(cfg, net, x, y, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if adv != "none":  # the attack stays in the eps-ball and in [0, 1]
+            assert (x_adv - x).abs().max() <= cfg.eps + 1e-6
+            assert x_adv.min() >= 0 and x_adv.max() <= 1
+            assert (x_adv - x).abs().max() > cfg.eps / 4  # and it moved
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.9 * first, (adv, losses)
+
+
+def run_cli(args, **kw):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *args], capture_output=True, text=True, **kw)
+
+
+def base_args(cifar_dir, out, *extra):
+    return ["--model", "edl_resnet18", "--model-kwargs", *TINY_ARGS, "--dataset", str(cifar_dir), "--output-dir", str(out),
+            "--train-subset", "128", "--eval-subset", "32", "--batch-size", "16", "--epochs", "1", "--quiet", *extra]
+
+
+def test_bad_input_fails_before_training_with_what_to_do(cifar_dir, tmp_path):
+    cases = [
+        (["--dataset", str(tmp_path / "nope")], "no such data set folder"),
+        (["--model", "edl_resnet81"], "unknown model 'edl_resnet81'; did you mean edl_resnet18"),
+        (["--label-column", "fine_label"], "has columns ['img', 'label']"),
+        (["--num-classes", "5"], "labels of split 'train' range over [0, 9] but the model has 5 classes"),
+    ]
+    for extra, message in cases:
+        args = base_args(cifar_dir, tmp_path / "out") + extra
+        t0 = time.time()
+        res = run_cli(args)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert message in res.stderr, (message, res.stderr[-2000:])
+        assert time.time() - t0 < 60
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_checkpoint_head_mismatch_and_fine_tuning_with_new_classes(cifar_dir, tmp_path):
+    five = timm.create_model("edl_resnet18", num_classes=5, **TINY)
+    save_for_hf(five, tmp_path / "five", model_args=dict(five.edl_cfg), safe_serialization=True)
+    with pytest.raises(TrainingInputError, match="head has 5 classes but the data set has 10: pass --num-classes 10"):
+        train(TrainConfig(model=str(tmp_path / "five"), dataset=str(cifar_dir), output_dir=str(tmp_path / "a"),
+                          train_subset=64, eval_subset=16, batch_size=16, max_steps=1, quiet=True))
+    metrics = train(TrainConfig(model=str(tmp_path / "five"), num_classes=10, dataset=str(cifar_dir),
+                                output_dir=str(tmp_path / "b"), train_subset=64, eval_subset=16, batch_size=16, max_steps=2,
+                                lr=0.01, quiet=True))
+    tuned = timm.create_model(f"local-dir:{tmp_path / 'b'}", pretrained=True)
+    assert tuned.num_classes == 10 and metrics["eval_n"] == 16
+    before, after = five.state_dict(), tuned.state_dict()
+    # the body started from the checkpoint (close to it after 2 steps), the head is new
+    assert (after["conv1.weight"] - before["conv1.weight"]).norm() < 0.1 * before["conv1.weight"].norm()
+    assert after["fc.weight"].shape == (10, 128)
+
+
+def test_vanilla_then_elastic_schedule_trains_beta_only_after_the_switch(cifar_dir, tmp_path):
+    metrics = train(TrainConfig(model="edl_resnet18", model_kwargs=dict(TINY), dataset=str(cifar_dir), output_dir=str(tmp_path),
+                                train_subset=64, eval_subset=16, batch_size=16, epochs=2, elastic_from_epoch=1, lr=0.5,
+                                quiet=True))
+    model = timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
+    assert model.edl_cfg["mode"] == "elastic"
+    logits = [m.beta_logit.item() for m in model.modules() if hasattr(m, "beta_logit")]
+    assert len(logits) == len(metrics["betas"]) and all(v != 0.0 for v in logits), logits  # learned after the switch
+    one = train(TrainConfig(model="edl_resnet18", model_kwargs=dict(TINY), dataset=str(cifar_dir),
+                            output_dir=str(tmp_path / "v"), train_subset=64, eval_subset=16, batch_size=16, epochs=1,
+                            elastic_from_epoch=1, quiet=True))
+    # ended in the vanilla phase: beta = 1 was trained, and the saved config says so
+    assert all(b == 1.0 for b in one["betas"].values())
+    vanilla = timm.create_model(f"local-dir:{tmp_path / 'v'}", pretrained=True)
+    assert vanilla.edl_cfg["mode"] == "vanilla"
+    assert all(m.beta_logit.item() == 0.0 for m in vanilla.modules() if hasattr(m, "beta_logit"))
+
+
+def weights(path):
+    return load_file(Path(path) / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_equals_an_uninterrupted_run(cifar_dir, tmp_path):
+    extra = ["--epochs", "2", "--checkpoint-every", "3", "--adv", "fgsm", "--train-subset", "192"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    full = run_cli(base_args(cifar_dir, tmp_path / "full", *extra), env=env)
+    assert full.returncode == 0, full.stderr[-3000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *base_args(cifar_dir, out, *extra)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((out / "checkpoints").glob("step_*")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.safetensors").exists(), "the run finished before it could be killed"
+    resumed = run_cli(base_args(cifar_dir, out, *extra, "--resume", "auto"), env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = weights(tmp_path / "full"), weights(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(cifar_dir, tmp_path):
+    common = ["--no-augment", "--max-steps", "4", "--lr", "0.02", "--eval-subset", "37", "--model-kwargs", *TINY_ARGS, "mode=none"]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+         str(ROOT / "scripts" / "train.py"), *base_args(cifar_dir, tmp_path / "two", *common), "--batch-size", "16"],
+        capture_output=True, text=True, env=env,
+    )
+    assert two.returncode == 0, two.stderr[-4000:]
+    one = run_cli(base_args(cifar_dir, tmp_path / "one", *common, "--batch-size", "32"), env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert m2["num_processes"] == 2 and m2["ranks_identical"]
+    assert m2["eval_n"] == 37 and m1["eval_n"] == 37  # every example counted once despite uneven shards
+    w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
+    init = timm.create_model("edl_resnet18", mode="none", **TINY).state_dict()
+    for k in ("conv1.weight", "layer3.0.conv1.weight", "fc.weight"):
+        moved = (w1[k] - init[k]).norm()
+        # BatchNorm sees 16 images per process instead of 32, so the runs are close, not equal
+        assert (w1[k] - w2[k]).norm() < 0.2 * moved + 1e-6, k
