@@ -267,3 +267,24 @@ def test_wheel_ships_hub_configs_and_registers_their_tags(tmp_path):
     assert lines[0].startswith(str(target))
     assert "'edl_resnet18.unit'" in lines[1]
     assert lines[2] == "edl-timm/edl_resnet18.unit"
+
+
+def test_full_pipeline_train_evaluate_publish_load_offline(tiny_run, cifar_dir, hf_cache, tmp_path):
+    """The CPU proof of the release pipeline: a trained output, evaluated, packaged, laid out as a
+    Hub download, loaded offline through the Hub code path; its clean accuracy matches the card."""
+    from edl_timm.data import load_image_split
+    from edl_timm.evaluation import accuracy, pixel_model
+
+    out, _ = tiny_run
+    model = hub.create_model(str(out)).eval()
+    x, y = load_image_split(str(cifar_dir), "test", subset=64, seed=5)
+    report = evaluate(model, x, y, source=str(out), autoattack=None, pgd_steps=3,
+                      weights_sha256=hub.sha256_file(out / "model.safetensors"),
+                      data={"dataset": str(cifar_dir), "split": "test", "selection": "64 random (seed 5)"})
+    cfg = build_release(out, report, tmp_path / "rel", "cpu_proof", hub_configs_dir=tmp_path / "cfgs",
+                        dataset_id="uoft-cs/cifar10")
+    hub.install_into_cache(tmp_path / "rel", cfg["hf_hub_id"])
+    loaded = timm.create_model(f"hf-hub:{cfg['hf_hub_id']}", pretrained=True).eval()
+    card = yaml.safe_load((tmp_path / "rel" / "README.md").read_text().split("---")[1])
+    card_clean = card["model-index"][0]["results"][0]["metrics"][0]["value"]
+    assert abs(accuracy(pixel_model(loaded), x.float() / 255, y) - card_clean) <= 1.0
