@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Normalized", "pgd", "fgsm_rs", "trades_adversary"]
+__all__ = ["Normalized", "parse_eps", "pgd", "fgsm_rs", "trades_adversary"]
 
 
 class Normalized(nn.Module):
@@ -23,6 +23,16 @@ class Normalized(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model((x - self.mean) / self.std)
+
+
+def parse_eps(text: str) -> float:
+    """An attack radius in [0, 1] pixels from the command line: "8/255", "0.0314", or "8" (a value
+    above 1 is read as x/255)."""
+    if "/" in text:
+        a, b = text.split("/")
+        return float(a) / float(b)
+    value = float(text)
+    return value / 255 if value > 1 else value
 
 
 def _project(delta: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:

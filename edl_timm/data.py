@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["load_image_split", "random_crop_flip", "random_subset", "select_subset"]
+__all__ = ["describe_subset", "load_image_split", "random_crop_flip", "random_subset", "select_subset"]
 
 
 def _load(dataset: str, split: str):
@@ -89,6 +89,15 @@ def select_subset(labels: torch.Tensor, n: Optional[int], seed: int = 0) -> torc
     if is_sorted_by_label(labels):
         return random_subset(labels, n, seed)
     return torch.arange(n)
+
+
+def describe_subset(labels: torch.Tensor, n: Optional[int], seed: int = 0) -> str:
+    """How ``select_subset(labels, n, seed)`` chose its examples, in words for a report."""
+    if n is None or n >= len(labels):
+        return f"all {len(labels)} images"
+    if is_sorted_by_label(labels):
+        return f"{n} images drawn at random (seed {seed}): the split is sorted by class"
+    return f"first {n} images"
 
 
 def is_sorted_by_label(labels: torch.Tensor) -> bool:

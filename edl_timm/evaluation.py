@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attacks import Normalized, pgd
-from .layers import is_edl_layer
+from .layers import edl_layers
 
 __all__ = [
     "REPORT_SCHEMA", "accuracy", "pgd_accuracy", "autoattack_accuracy", "check_deterministic", "solver_steps",
@@ -142,7 +142,12 @@ def autoattack_accuracy(
 
 
 def _edl_layers(model: nn.Module):
-    return [m for m in model.modules() if is_edl_layer(m)]
+    return [m for _, m in edl_layers(model)]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The timm model inside a ``Normalized`` wrapper (or the model itself)."""
+    return model.model if isinstance(model, Normalized) else model
 
 
 @contextlib.contextmanager
@@ -176,8 +181,8 @@ def straight_through(model: nn.Module) -> Iterator[None]:
 def gradient_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
     """Mean per-example norm of d(cross-entropy)/d(input) of the model and of each EDL layer (or,
     in a model without any, each convolution and linear layer)."""
-    inner = model.model if isinstance(model, Normalized) else model
-    watched = [(n, m) for n, m in inner.named_modules() if is_edl_layer(m)] or [
+    inner = _unwrap(model)
+    watched = edl_layers(inner) or [
         (n, m) for n, m in inner.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
     ]
     inputs: Dict[str, torch.Tensor] = {}
@@ -235,14 +240,13 @@ def audit(
         _plot_sweep(curve, plot_path, eps, norm)
         out["plot"] = plot_path
 
-    inner = model.model if isinstance(model, Normalized) else model
-    layers = _edl_layers(inner)
+    layers = _edl_layers(_unwrap(model))
     if layers:
         deeper = 2 * max(m.num_iters for m in layers)
         # craft through the deeper solver (and the straight-through backward), judge the model as deployed
-        acc = pgd_accuracy(model, x, y, eps, source=_DeeperSolver(model, deeper), **pgd_kw)
+        acc = pgd_accuracy(model, x, y, eps, source=_AttackerView(model, solver_steps, deeper), **pgd_kw)
         out["unrolled"] = {"num_iters": deeper, "accuracy": acc}
-        acc = pgd_accuracy(model, x, y, eps, source=_StraightThrough(model), **pgd_kw)
+        acc = pgd_accuracy(model, x, y, eps, source=_AttackerView(model, straight_through), **pgd_kw)
         out["bpda"] = {"accuracy": acc}
         for key, what in (("unrolled", f"the solver unrolled to {deeper} steps"), ("bpda", "a straight-through (BPDA) backward")):
             if out[key]["accuracy"] < white_box_accuracy - tol:
@@ -277,29 +281,16 @@ def audit(
     return out
 
 
-class _DeeperSolver(nn.Module):
-    """``model`` with its EDL layers unrolled to ``num_iters`` steps, for the attacker only."""
+class _AttackerView(nn.Module):
+    """``model`` run inside ``context(inner_model, *args)`` (``solver_steps``, ``straight_through``):
+    the variant an audit attack is computed on, while the deployed model stays as it is."""
 
-    def __init__(self, model: nn.Module, num_iters: int):
+    def __init__(self, model: nn.Module, context, *args):
         super().__init__()
-        self.model, self.num_iters = model, num_iters
+        self.model, self.context, self.args = model, context, args
 
     def forward(self, x):
-        inner = self.model.model if isinstance(self.model, Normalized) else self.model
-        with solver_steps(inner, self.num_iters):
-            return self.model(x)
-
-
-class _StraightThrough(nn.Module):
-    """``model`` with a BPDA backward in its EDL layers, for the attacker only."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        inner = self.model.model if isinstance(self.model, Normalized) else self.model
-        with straight_through(inner):
+        with self.context(_unwrap(self.model), *self.args):
             return self.model(x)
 
 

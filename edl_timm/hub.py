@@ -245,16 +245,13 @@ def hub_access(repo_id: str, revision: Optional[str] = None) -> Iterator[None]:
     cached the error says at once how to provide the weights. timm's loader runs unchanged inside."""
     from huggingface_hub import constants
 
-    offline = constants.is_offline_mode()
-    if not offline and not _hub_reachable():
-        offline = True
-        if not _cached(repo_id, revision, "config.json") and not _cached(repo_id, revision, "model.safetensors"):
-            raise _unavailable(repo_id, f"the Hub ({constants.ENDPOINT}) cannot be reached and nothing is cached")
-    elif offline and not (_cached(repo_id, revision, "config.json") or _cached(repo_id, revision, "model.safetensors")):
-        raise _unavailable(repo_id, "offline mode (HF_HUB_OFFLINE) is on and the local cache has no copy")
-    if not offline:
+    if not constants.is_offline_mode() and _hub_reachable():
         yield
         return
+    if not (_cached(repo_id, revision, "config.json") or _cached(repo_id, revision, "model.safetensors")):
+        why = ("offline mode (HF_HUB_OFFLINE) is on and the local cache has no copy" if constants.is_offline_mode()
+               else f"the Hub ({constants.ENDPOINT}) cannot be reached and nothing is cached")
+        raise _unavailable(repo_id, why)
     # huggingface_hub reads this flag at call time (constants.is_offline_mode), so setting it for the
     # duration of the load makes every download in timm's loader a cache lookup.
     saved = constants.HF_HUB_OFFLINE
@@ -306,7 +303,9 @@ def check_checkpoint_folder(folder: os.PathLike, require_edl: bool = True) -> Di
 
 def _classify_load_error(source: str, e: Exception) -> Exception:
     text = str(e)
-    if type(e).__name__ == "SafetensorError" or "incomplete metadata" in text or "header" in text.lower() and "safetensors" in text.lower():
+    if type(e).__name__ == "SafetensorError" or "incomplete metadata" in text or (
+        "header" in text.lower() and "safetensors" in text.lower()
+    ):
         return CheckpointError(f"the weights of {source} are truncated or corrupted ({text}): download or copy them again")
     if isinstance(e, RuntimeError) and ("size mismatch" in text or "Missing key" in text or "Unexpected key" in text):
         first = text.strip().splitlines()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .attacks import Normalized, fgsm_rs, pgd, trades_adversary
 from .data import load_image_split, random_crop_flip
-from .layers import is_edl_layer
+from .layers import edl_layers
 
 __all__ = ["TrainConfig", "train", "TrainingInputError", "ADV_OBJECTIVES"]
 
@@ -137,14 +137,10 @@ def _fit_size(images: torch.Tensor, size) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ the loop
 
-def _edl_layers(model: nn.Module):
-    return [m for m in model.modules() if is_edl_layer(m)]
-
-
 def _set_edl_phase(model: nn.Module, elastic: bool) -> None:
     """The paper's schedule: Vanilla DL (beta = 1) first, elastic afterwards. beta_logit keeps
     requires_grad=True in both phases so that DDP registers the same parameters throughout."""
-    for m in _edl_layers(model):
+    for _, m in edl_layers(model):
         if m.mode in ("elastic", "vanilla"):
             m.set_mode("elastic" if elastic else "vanilla")
             m.beta_logit.requires_grad_(True)
@@ -230,7 +226,7 @@ def _save_final(accelerator, model: nn.Module, output_dir: Path, cfg: TrainConfi
     tmp = output_dir / ".final_tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model_args = dict(getattr(model, "edl_cfg", {}))
-    modes = {m.mode for m in _edl_layers(model)}
+    modes = {m.mode for _, m in edl_layers(model)}
     if model_args.get("mode") == "elastic" and modes == {"vanilla"}:
         # the run ended before --elastic-from-epoch: what was trained (and must reload) is Vanilla DL
         model_args["mode"] = model.edl_cfg["mode"] = "vanilla"
@@ -248,7 +244,7 @@ class _SolverState:
     the next training step is computed from them, so an exact resume needs them."""
 
     def __init__(self, model: nn.Module):
-        self.layers = [(n, m) for n, m in model.named_modules() if is_edl_layer(m)]
+        self.layers = edl_layers(model)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return {n: m._power_u.detach().cpu().clone() for n, m in self.layers}
@@ -412,8 +408,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     sums = accelerator.gather(_params_checksum(accelerator.unwrap_model(net)).to(accelerator.device))
     metrics["ranks_identical"] = bool(torch.all(sums == sums[0]).item())
     metrics["num_processes"] = accelerator.num_processes
-    metrics["betas"] = {n: round(m.beta.item(), 4) for n, m in accelerator.unwrap_model(net).model.named_modules()
-                        if is_edl_layer(m)}
+    metrics["betas"] = {n: round(m.beta.item(), 4) for n, m in edl_layers(accelerator.unwrap_model(net).model)}
     _save_final(accelerator, accelerator.unwrap_model(net).model, output_dir, cfg, metrics)
     if cfg.log_with:
         accelerator.end_training()

@@ -14,17 +14,10 @@ from pathlib import Path
 
 import torch
 
-from edl_timm.data import is_sorted_by_label, load_image_split, select_subset
+from edl_timm.attacks import parse_eps
+from edl_timm.data import describe_subset, load_image_split, select_subset
 from edl_timm.evaluation import evaluate, format_table
 from edl_timm.hub import CheckpointError, WeightsUnavailableError, create_model, sha256_file
-
-
-def parse_eps(text):
-    if "/" in text:
-        a, b = text.split("/")
-        return float(a) / float(b)
-    value = float(text)
-    return value / 255 if value > 1 else value
 
 
 def weights_file(model, source):
@@ -90,13 +83,9 @@ def main(argv=None):
     except (CheckpointError, WeightsUnavailableError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # the whole split's labels decide how the subset is chosen, and the report says which way
+    selection = describe_subset(y, args.n, args.seed)
     keep = select_subset(y, args.n, args.seed)
-    if args.n is None or args.n >= len(y):
-        selection = f"all {len(y)} images"
-    elif is_sorted_by_label(y):
-        selection = f"{len(keep)} images drawn at random (seed {args.seed}): the split is sorted by class"
-    else:
-        selection = f"first {len(keep)} images"
     x, y = x[keep], y[keep]
     out = Path(args.output) if args.output else (Path(args.model) if os.path.isdir(args.model) else Path(".")) / "eval_report.json"
     out.parent.mkdir(parents=True, exist_ok=True)

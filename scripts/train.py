@@ -14,6 +14,7 @@ import ast
 import json
 import sys
 
+from edl_timm.attacks import parse_eps
 from edl_timm.training import ADV_OBJECTIVES, TrainConfig, TrainingInputError, train
 
 
@@ -29,15 +30,6 @@ def parse_kwargs(items):
         except (ValueError, SyntaxError):
             out[key] = value
     return out
-
-
-def parse_eps(text):
-    """8/255, 0.0314 or 8 (read as 8/255 when > 1)."""
-    if "/" in text:
-        a, b = text.split("/")
-        return float(a) / float(b)
-    value = float(text)
-    return value / 255 if value > 1 else value
 
 
 def main(argv=None):

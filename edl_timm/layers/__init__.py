@@ -1,4 +1,4 @@
 """EDL layers: the elastic dictionary-learning convolution and linear layer."""
-from .edl import EDL_MODES, EDLConv2d, EDLLinear, is_edl_layer
+from .edl import EDL_MODES, EDLConv2d, EDLLinear, edl_layers, is_edl_layer
 
-__all__ = ["EDL_MODES", "EDLConv2d", "EDLLinear", "is_edl_layer"]
+__all__ = ["EDL_MODES", "EDLConv2d", "EDLLinear", "edl_layers", "is_edl_layer"]

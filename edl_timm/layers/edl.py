@@ -586,3 +586,8 @@ class EDLLinear(_EDLMixin, nn.Linear):
 
 def is_edl_layer(module: nn.Module) -> bool:
     return isinstance(module, (EDLConv2d, EDLLinear))
+
+
+def edl_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(name, layer) of every EDL layer in ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if is_edl_layer(m)]
