@@ -59,6 +59,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
+from . import _fused
+
 __all__ = ["EDLConv2d", "EDLLinear", "EDL_MODES", "is_edl_layer"]
 
 EDL_MODES = ("elastic", "vanilla", "robust")
@@ -329,6 +331,9 @@ class _EDLMixin:
         if not torch.jit.is_scripting():  # scripted and fx-traced graphs keep the step size as it is
             if self.training and not is_fx_symbolic_tracing():
                 self._refresh_step_size(x)
+            if _fused.usable(self, x):  # same arithmetic, fused elementwise passes (float32 on CPU)
+                z = _fused.solve(self, x, steps)
+                return z if self.bias is None else z + self._bias_view(self.bias)
         if self.normalize_input:
             scale = self._input_scale(x)
             z = self.solve(x / scale, steps) * scale
@@ -368,25 +373,30 @@ class _EDLMixin:
 
     def _operators(self, with_synthesis: bool = True) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(negated synthesis dictionary, analysis weight with tau and the reweighting scale folded
-        in, lerp weight of the reweighting or None when beta = 1).
+        in, lerp weight of the reweighting or None when beta = 1); see ``_scalars``."""
+        weight = self.weight
+        inv_norm = self._inv_atom_norms()
+        shape = [-1] + [1] * (weight.dim() - 1)
+        scale, lerp_w = self._scalars()
+        # one step (T = 1) never synthesises: skip that weight-sized product and its backward
+        w_neg = weight * (-inv_norm).view(shape) if with_synthesis else weight
+        return w_neg, weight * (scale * inv_norm).view(shape), lerp_w
+
+    def _scalars(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(m, lw): the analysis scale and the lerp weight of the reweighting (None when beta = 1).
 
         a*r = beta*r + (1-beta)/(2 eps) * hardtanh(r, -eps, eps) = c * lerp(h, r, lw), with
         lw = 2 eps beta / (1 - beta + 2 eps beta) in [0, 1] and c = (1 - beta + 2 eps beta) / (2 eps);
-        c, tau and the atoms' norms are one per-atom factor on the weight (one weight-sized pass).
+        m = tau * c (tau alone when beta = 1) multiplies the unit-norm atoms of the analysis weight,
+        so tau, c and the atoms' norms cost one weight-sized pass.
         """
-        weight = self.weight
-        tau = self.step_size.to(weight.dtype)
-        inv_norm = self._inv_atom_norms()
-        shape = [-1] + [1] * (weight.dim() - 1)
-        # one step (T = 1) never synthesises: skip that weight-sized product and its backward
-        w_neg = weight * (-inv_norm).view(shape) if with_synthesis else weight
+        tau = self.step_size.to(self.weight.dtype)
         if self.mode == "vanilla":
-            return w_neg, weight * (tau * inv_norm).view(shape), None
-        beta = self.beta.to(weight.dtype)
+            return tau, None
+        beta = self.beta.to(self.weight.dtype)
         k = 2.0 * self.eps * beta
         denom = 1.0 - beta + k
-        scale = tau * denom / (2.0 * self.eps)
-        return w_neg, weight * (scale * inv_norm).view(shape), k / denom
+        return tau * denom / (2.0 * self.eps), k / denom
 
     def objective(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Elastic objective F(z) per sample, shape (N,), with this layer's beta, lam and dictionary.
@@ -514,6 +524,28 @@ class EDLConv2d(_EDLMixin, nn.Conv2d):
     def _bias_view(self, bias: torch.Tensor) -> torch.Tensor:
         return bias.view(1, -1, 1, 1)
 
+    # for the fused path (_fused.py): a block is one sample; gradients of the two operators
+    def _block_size(self, x: torch.Tensor) -> int:
+        return x.shape[1] * x.shape[2] * x.shape[3]
+
+    def _analyze_backward(self, gv: torch.Tensor, p: torch.Tensor, weight: torch.Tensor, need_input: bool):
+        gi, gw, _ = torch.ops.aten.convolution_backward(
+            gv, p, weight, None, self.stride, self.padding, self.dilation, False, [0, 0], self.groups,
+            [need_input, True, False],
+        )
+        return gi, gw
+
+    def _synthesize_backward(self, gq: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, like: torch.Tensor):
+        out_pad = _output_padding(
+            [like.shape[-2], like.shape[-1]], [z.shape[-2], z.shape[-1]], self.stride, self.padding, self.dilation,
+            self.kernel_size,
+        )
+        gi, gw, _ = torch.ops.aten.convolution_backward(
+            gq, z, weight, None, self.stride, self.padding, self.dilation, True, out_pad, self.groups,
+            [True, True, False],
+        )
+        return gi, gw
+
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self._edl_repr()
 
@@ -579,6 +611,19 @@ class EDLLinear(_EDLMixin, nn.Linear):
 
     def _bias_view(self, bias: torch.Tensor) -> torch.Tensor:
         return bias
+
+    def _block_size(self, x: torch.Tensor) -> int:
+        return x.shape[-1]
+
+    def _analyze_backward(self, gv: torch.Tensor, p: torch.Tensor, weight: torch.Tensor, need_input: bool):
+        gi = gv.matmul(weight) if need_input else None
+        gw = gv.reshape(-1, gv.shape[-1]).t().matmul(p.reshape(-1, p.shape[-1]))
+        return gi, gw
+
+    def _synthesize_backward(self, gq: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, like: torch.Tensor):
+        gi = gq.matmul(weight.t())
+        gw = z.reshape(-1, z.shape[-1]).t().matmul(gq.reshape(-1, gq.shape[-1]))
+        return gi, gw
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self._edl_repr()

@@ -1,0 +1,337 @@
+/* Fused elementwise passes of the EDL solver on CPU (float32, contiguous tensors).
+
+   Eager PyTorch spends one full memory pass per elementwise op (normalise, clamp, lerp, residual
+   add, relu, rescale, and about twice as many in backward); together they cost 20-40% on top of
+   the convolutions. Each function here does one of the solver's elementwise stages in a single
+   pass (two where a per-sample reduction must finish first). The convolutions stay with PyTorch.
+
+   Layout: N blocks of G consecutive values; a block is one sample of a convolution's (C, H, W)
+   input or one row of a linear layer's input, and s[n] is that block's scale (its RMS). A NULL s
+   means no input normalisation. The reweighting is
+       f(r) = w r + (1 - w) clamp(r, -e, e),   f'(r) = w + (1 - w) [|r| < e],   df/dw = r - clamp(r).
+   Built by edl_timm/layers/_fused.py with gcc -O3 -fopenmp; it shares torch's OpenMP runtime. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <omp.h>
+
+#define CHUNK 32768 /* values per work item: big enough to amortise scheduling, small enough to split a sample */
+
+static inline float clampf(float r, float e) { return r < -e ? -e : (r > e ? e : r); }
+
+/* Reductions carry `omp simd reduction` so that gcc may reorder the sums and vectorise them
+   (without -ffast-math it keeps float additions in order, one lane at a time). Work items are
+   (block, chunk) pairs, so that a few large samples and many small rows both spread over the
+   threads. */
+static inline int64_t chunks_per_block(int64_t G) { return (G + CHUNK - 1) / CHUNK; }
+
+/* A per-sample reduction followed by a map over the same sample costs one trip to memory instead
+   of two when each thread takes whole samples that stay in its L2 cache between the two loops. */
+#define SAMPLE_IN_CACHE 131072 /* values per array per sample: 3 arrays of 512 KB */
+static inline int whole_samples(int64_t N, int64_t G) { return G <= SAMPLE_IN_CACHE && N >= 2 * omp_get_max_threads(); }
+
+/* s[n] = sqrt(sum(x_n^2) / G + 1e-10): the floored RMS (same rule as the eager path). */
+static void edl_rms(const float *x, int64_t N, int64_t G, float *s) {
+    const int64_t C = chunks_per_block(G), items = N * C;
+    double *part = (double *)malloc(sizeof(double) * (size_t)items);
+#pragma omp parallel for schedule(static)
+    for (int64_t it = 0; it < items; ++it) {
+        const int64_t n = it / C, lo = (it % C) * CHUNK, hi = lo + CHUNK < G ? lo + CHUNK : G;
+        const float *p = x + n * G;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = lo; i < hi; ++i) acc += p[i] * p[i];
+        part[it] = acc;
+    }
+    for (int64_t n = 0; n < N; ++n) {
+        double a = 0.0;
+        for (int64_t c = 0; c < C; ++c) a += part[n * C + c];
+        s[n] = (float)sqrt(a / (double)G + 1e-10);
+    }
+    free(part);
+}
+
+/* First step: p = f(x / s) (or x / s when has_rw == 0). */
+static void edl_first_chunks(const float *x, const float *s, int64_t N, int64_t G, float w, float e, int has_rw, float *p) {
+    const int64_t C = chunks_per_block(G), items = N * C;
+#pragma omp parallel for schedule(static)
+    for (int64_t it = 0; it < items; ++it) {
+        const int64_t n = it / C, lo = (it % C) * CHUNK, hi = lo + CHUNK < G ? lo + CHUNK : G;
+        const float inv = s ? 1.f / s[n] : 1.f, *xb = x + n * G;
+        float *pb = p + n * G;
+        if (has_rw) {
+            for (int64_t i = lo; i < hi; ++i) { const float r = xb[i] * inv; pb[i] = w * r + (1.f - w) * clampf(r, e); }
+        } else {
+            for (int64_t i = lo; i < hi; ++i) pb[i] = xb[i] * inv;
+        }
+    }
+}
+
+/* First step with the input normalisation: s = edl_rms(x), p = f(x / s); s may be NULL (no
+   normalisation). */
+void edl_first(const float *x, int64_t N, int64_t G, float w, float e, int has_rw, float *s, float *p) {
+    if (!s || !whole_samples(N, G)) {
+        if (s) edl_rms(x, N, G, s);
+        edl_first_chunks(x, s, N, G, w, e, has_rw, p);
+        return;
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const float *xb = x + n * G;
+        float *pb = p + n * G, acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = 0; i < G; ++i) acc += xb[i] * xb[i];
+        const float sn = (float)sqrt((double)acc / (double)G + 1e-10), inv = 1.f / sn;
+        s[n] = sn;
+        if (has_rw) {
+            for (int64_t i = 0; i < G; ++i) { const float r = xb[i] * inv; pb[i] = w * r + (1.f - w) * clampf(r, e); }
+        } else {
+            for (int64_t i = 0; i < G; ++i) pb[i] = xb[i] * inv;
+        }
+    }
+}
+
+/* Later steps: q holds A*(z); r = x / s - q and then p = f(r) are written over q (the backward
+   recovers what it needs of r from p: f is strictly increasing for w > 0, and f'(r) depends only
+   on whether |r| < e, which is whether |p| < e). */
+void edl_residual(float *q, const float *x, const float *s, int64_t N, int64_t G, float w, float e, int has_rw) {
+    const int64_t C = chunks_per_block(G), items = N * C;
+#pragma omp parallel for schedule(static)
+    for (int64_t it = 0; it < items; ++it) {
+        const int64_t n = it / C, lo = (it % C) * CHUNK, hi = lo + CHUNK < G ? lo + CHUNK : G;
+        const float inv = s ? 1.f / s[n] : 1.f, *xb = x + n * G;
+        float *qb = q + n * G;
+        if (has_rw) {
+            for (int64_t i = lo; i < hi; ++i) {
+                const float r = xb[i] * inv - qb[i];
+                qb[i] = w * r + (1.f - w) * clampf(r, e);
+            }
+        } else {
+            for (int64_t i = lo; i < hi; ++i) qb[i] = xb[i] * inv - qb[i];
+        }
+    }
+}
+
+/* Code update, in place: v = relu(v + z) (z may be NULL: the first step), times s[n] when s is
+   given (the last step rescales the code to the input's scale). */
+void edl_code(float *v, const float *z, const float *s, int64_t N, int64_t G) {
+    const int64_t C = chunks_per_block(G), items = N * C;
+#pragma omp parallel for schedule(static)
+    for (int64_t it = 0; it < items; ++it) {
+        const int64_t n = it / C, lo = (it % C) * CHUNK, hi = lo + CHUNK < G ? lo + CHUNK : G;
+        const float sc = s ? s[n] : 1.f;
+        float *vb = v + n * G;
+        const float *zb = z ? z + n * G : 0;
+        if (zb) {
+            for (int64_t i = lo; i < hi; ++i) { const float a = vb[i] + zb[i]; vb[i] = a > 0.f ? a * sc : 0.f; }
+        } else {
+            for (int64_t i = lo; i < hi; ++i) { const float a = vb[i]; vb[i] = a > 0.f ? a * sc : 0.f; }
+        }
+    }
+}
+
+/* Backward of the output stage out = s * relu(v): gv = g * s * [out > 0] and, when s is given,
+   gs[n] = sum(g * out) / s[n] (the code's own share of the scale's gradient). */
+void edl_out_grad(const float *g, const float *out, const float *s, int64_t N, int64_t G, float *gv, float *gs) {
+    const int64_t C = chunks_per_block(G), items = N * C;
+    double *part = s ? (double *)malloc(sizeof(double) * (size_t)items) : 0;
+#pragma omp parallel for schedule(static)
+    for (int64_t it = 0; it < items; ++it) {
+        const int64_t n = it / C, lo = (it % C) * CHUNK, hi = lo + CHUNK < G ? lo + CHUNK : G;
+        const float sc = s ? s[n] : 1.f, *gb = g + n * G, *ob = out + n * G;
+        float *vb = gv + n * G, acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = lo; i < hi; ++i) {
+            const float gi = gb[i], o = ob[i];
+            acc += gi * o;
+            vb[i] = o > 0.f ? gi * sc : 0.f;
+        }
+        if (part) part[it] = acc;
+    }
+    if (part) {
+        for (int64_t n = 0; n < N; ++n) {
+            double a = 0.0;
+            for (int64_t c = 0; c < C; ++c) a += part[n * C + c];
+            gs[n] = (float)(a / (double)s[n]);
+        }
+        free(part);
+    }
+}
+
+/* Backward of p = f(r), from p, in place: gp <- gp * f'(r). Returns the lerp weight's gradient
+   sum(gp * (r - clamp(r))) = sum(gp * (p - clamp(p))) / w (outside the clamp, p - sign(p) e =
+   w (r - sign(r) e)); 0 when w = 0, where f is a plain clamp and w is not learned. */
+double edl_reweight_grad(float *gp, const float *p, int64_t n, float w, float e) {
+    const int64_t items = (n + CHUNK - 1) / CHUNK;
+    double total = 0.0;
+#pragma omp parallel for schedule(static) reduction(+ : total)
+    for (int64_t it = 0; it < items; ++it) {
+        const int64_t lo = it * CHUNK, hi = lo + CHUNK < n ? lo + CHUNK : n;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = lo; i < hi; ++i) {
+            const float pi = p[i], gi = gp[i];
+            acc += gi * (pi - clampf(pi, e));
+            gp[i] = (pi > -e && pi < e) ? gi : w * gi;
+        }
+        total += acc;
+    }
+    return w > 0.f ? total / (double)w : 0.0;
+}
+
+/* Backward through z_t (t >= 1), in place: gz <- (gv - gz) * [z > 0], where gz is the gradient
+   through the synthesis A*(z) (which the residual subtracts) and gv the gradient through the skip
+   connection of the next step. */
+void edl_mask_sub(float *gz, const float *gv, const float *z, int64_t n) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) gz[i] = z[i] > 0.f ? gv[i] - gz[i] : 0.f;
+}
+
+/* Backward of the first step and of the input normalisation.
+   gp: gradient of p_0 = f(x / s), overwritten with the input gradient. gu: the gradient already
+   collected for u = x / s by the later steps' residuals (NULL when T = 1). gs: the output's share
+   of the scale's gradient (unused without s). Returns the lerp weight's gradient.
+   Pass 1: gut = f'(u) gp + gu, dot[n] = sum(gut * x). Pass 2: gx = gut / s + k[n] x with
+   k[n] = (gs[n] - dot[n] / s[n]^2) / (G s[n]), from s = sqrt(|x|^2 / G + 1e-10). */
+static double edl_first_grad_chunks(float *gp, const float *x, const float *s, const float *gu, const float *gs,
+                      int64_t N, int64_t G, float w, float e, int has_rw) {
+    const int64_t C = chunks_per_block(G), items = N * C;
+    double *part = s ? (double *)malloc(sizeof(double) * (size_t)items) : 0;
+    double total = 0.0;
+#pragma omp parallel for schedule(static) reduction(+ : total)
+    for (int64_t it = 0; it < items; ++it) {
+        const int64_t n = it / C, lo = (it % C) * CHUNK, hi = lo + CHUNK < G ? lo + CHUNK : G;
+        const float inv = s ? 1.f / s[n] : 1.f, *xb = x + n * G, *ub = gu ? gu + n * G : 0;
+        float *pb = gp + n * G, acc_w = 0.f, acc_d = 0.f;
+#pragma omp simd reduction(+ : acc_w, acc_d)
+        for (int64_t i = lo; i < hi; ++i) {
+            const float xi = xb[i], r = xi * inv, gi = pb[i];
+            float gr = gi;
+            if (has_rw) {
+                acc_w += gi * (r - clampf(r, e));
+                gr = (r > -e && r < e) ? gi : w * gi;
+            }
+            if (ub) gr += ub[i];
+            acc_d += gr * xi;
+            pb[i] = gr;
+        }
+        total += acc_w;
+        if (part) part[it] = acc_d;
+    }
+    if (part) {
+        float *k = (float *)malloc(sizeof(float) * (size_t)N);
+        for (int64_t n = 0; n < N; ++n) {
+            double d = 0.0;
+            for (int64_t c = 0; c < C; ++c) d += part[n * C + c];
+            const double sn = s[n];
+            k[n] = (float)(((double)gs[n] - d / (sn * sn)) / ((double)G * sn));
+        }
+#pragma omp parallel for schedule(static)
+        for (int64_t it = 0; it < items; ++it) {
+            const int64_t n = it / C, lo = (it % C) * CHUNK, hi = lo + CHUNK < G ? lo + CHUNK : G;
+            const float inv = 1.f / s[n], kn = k[n], *xb = x + n * G;
+            float *pb = gp + n * G;
+            for (int64_t i = lo; i < hi; ++i) pb[i] = pb[i] * inv + kn * xb[i];
+        }
+        free(k);
+        free(part);
+    }
+    return total;
+}
+
+static inline float first_grad_pass1(float *pb, const float *xb, const float *ub, int64_t lo, int64_t hi, float inv,
+                                    float w, float e, int has_rw, float *acc_d) {
+    float acc_w = 0.f, d = 0.f;
+#pragma omp simd reduction(+ : acc_w, d)
+    for (int64_t i = lo; i < hi; ++i) {
+        const float xi = xb[i], r = xi * inv, gi = pb[i];
+        float gr = gi;
+        if (has_rw) {
+            acc_w += gi * (r - clampf(r, e));
+            gr = (r > -e && r < e) ? gi : w * gi;
+        }
+        if (ub) gr += ub[i];
+        d += gr * xi;
+        pb[i] = gr;
+    }
+    *acc_d = d;
+    return acc_w;
+}
+
+double edl_first_grad(float *gp, const float *x, const float *s, const float *gu, const float *gs,
+                      int64_t N, int64_t G, float w, float e, int has_rw) {
+    if (!s || !whole_samples(N, G)) return edl_first_grad_chunks(gp, x, s, gu, gs, N, G, w, e, has_rw);
+    double total = 0.0;
+#pragma omp parallel for schedule(static) reduction(+ : total)
+    for (int64_t n = 0; n < N; ++n) {
+        const float *xb = x + n * G, *ub = gu ? gu + n * G : 0;
+        float *pb = gp + n * G, d;
+        const float inv = 1.f / s[n];
+        total += first_grad_pass1(pb, xb, ub, 0, G, inv, w, e, has_rw, &d);
+        const double sn = s[n];
+        const float kn = (float)(((double)gs[n] - (double)d / (sn * sn)) / ((double)G * sn));
+#pragma omp simd
+        for (int64_t i = 0; i < G; ++i) pb[i] = pb[i] * inv + kn * xb[i];
+    }
+    return total;
+}
+
+/* The dictionaries, from the raw weight W (O rows of K values): D = W / |W_o| per row (W itself
+   without atom normalisation; inv[o] gets 1 / |W_o| or 1) and Dm = m D, the analysis weight with
+   the step size and reweighting constant m folded in. D may be NULL (one step: no synthesis). */
+void edl_dict(const float *W, int64_t O, int64_t K, float m, int normalize, float *D, float *Dm, float *inv) {
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < O; ++o) {
+        const float *wr = W + o * K;
+        float a = 1.f;
+        if (normalize) {
+            double ss = 0.0;
+            for (int64_t k = 0; k < K; ++k) ss += (double)wr[k] * wr[k];
+            const double nrm = sqrt(ss);
+            a = (float)(1.0 / (nrm > 1e-12 ? nrm : 1e-12));
+        }
+        inv[o] = a;
+        const float am = a * m;
+        if (D) for (int64_t k = 0; k < K; ++k) D[o * K + k] = wr[k] * a;
+        for (int64_t k = 0; k < K; ++k) Dm[o * K + k] = wr[k] * am;
+    }
+}
+
+/* Backward of edl_dict, summing the convolutions' weight gradients on the way: gan[0..na) are
+   gradients of Dm, gsyn[0..ns) gradients of the synthesis A*(z) = convT(z, D), which the residual
+   subtracts. gD = m sum(gan) - sum(gsyn); dW = (gD - D <gD, D>) inv per row (the derivative of
+   W / |W|), or gD without normalisation. Returns dm = <sum(gan), D>. */
+double edl_dict_grad(const float *D, const float *inv, int64_t O, int64_t K, float m, int normalize,
+                     const float *const *gan, int64_t na, const float *const *gsyn, int64_t ns, float *gW) {
+    double dm = 0.0;
+#pragma omp parallel for schedule(static) reduction(+ : dm)
+    for (int64_t o = 0; o < O; ++o) {
+        const float *dr = D + o * K;
+        float *gr = gW + o * K, dmo = 0.f;
+        for (int64_t a = 0; a < na; ++a) {
+            const float *g = gan[a] + o * K;
+            if (a == 0) {
+#pragma omp simd reduction(+ : dmo)
+                for (int64_t k = 0; k < K; ++k) { dmo += g[k] * dr[k]; gr[k] = m * g[k]; }
+            } else {
+#pragma omp simd reduction(+ : dmo)
+                for (int64_t k = 0; k < K; ++k) { dmo += g[k] * dr[k]; gr[k] += m * g[k]; }
+            }
+        }
+        for (int64_t b = 0; b < ns; ++b) {
+            const float *g = gsyn[b] + o * K;
+#pragma omp simd
+            for (int64_t k = 0; k < K; ++k) gr[k] -= g[k];
+        }
+        dm += dmo;
+        if (normalize) {
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t k = 0; k < K; ++k) dot += gr[k] * dr[k];
+            const float a = inv[o];
+#pragma omp simd
+            for (int64_t k = 0; k < K; ++k) gr[k] = (gr[k] - dr[k] * dot) * a;
+        }
+    }
+    return dm;
+}
