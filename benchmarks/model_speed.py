@@ -5,9 +5,10 @@ size, on the CPU. Printed side by side for each architecture: step times, their 
 expected from the layer floor (each EDL layer costs 2T-1 of its convolution, the rest of the
 network is unchanged: expected = ((2T-1) F_edl + F_rest) / (F_edl + F_rest) from the multiply-add
 counts of the twin's layers), ratio / expected, and the ratio of the bytes autograd saves for
-backward.
+backward. One table with glibc's default malloc and one with page reuse (see _allocator.py), unless
+--allocator picks one.
 
-    python benchmarks/model_speed.py [--models edl_resnet18 edl_vit_tiny_patch4_32] [--repeats 3]
+    python benchmarks/model_speed.py [--models edl_resnet18 edl_vit_tiny_patch4_32] [--repeats 3] [--allocator both]
 """
 import argparse
 import statistics
@@ -18,9 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import _allocator  # benchmarks/, first on sys.path when run as a script
 import edl_timm
+from _memory import saved_bytes
 from edl_timm import is_edl_layer
-from _memory import saved_bytes  # benchmarks/, first on sys.path when run as a script
+from edl_timm.layers import _fused
 
 
 def macs_by_layer(model, x):
@@ -70,13 +73,10 @@ def step_times(models, x, y, repeats):
     return [statistics.median(t) for t in times]
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="*", default=sorted(timm.list_models("edl_*")))
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, median of {args.repeats}")
+def table(args):
+    fused = _fused.library() is not None
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, median of {args.repeats}, "
+          f"fused kernels {'on' if fused else 'UNAVAILABLE'}")
     print(f"{'model':<28} {'twin s':>7} {'EDL s':>7} {'ratio':>6} {'expected':>8} {'ratio/exp':>9} {'mem ratio':>9}")
     for name in args.models:
         torch.manual_seed(0)
@@ -91,6 +91,16 @@ def main():
         mem = step_bytes(edl, x, y) / step_bytes(twin, x, y)
         ratio = t_edl / t_twin
         print(f"{name:<28} {t_twin:7.2f} {t_edl:7.2f} {ratio:6.2f} {expect:8.2f} {ratio / expect:9.3f} {mem:9.2f}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", default=sorted(timm.list_models("edl_*")))
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    _allocator.add_argument(ap)
+    args = ap.parse_args()
+    _allocator.run(args, lambda: table(args))
 
 
 if __name__ == "__main__":

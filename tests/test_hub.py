@@ -248,7 +248,8 @@ def test_registry_pretrained_without_weights_says_how_to_load():
 
 @pytest.mark.slow
 def test_wheel_ships_hub_configs_and_registers_their_tags(tmp_path):
-    """Build a wheel from a copy of the repo with one extra config; installed elsewhere, timm lists its tag."""
+    """Build a wheel from a copy of the repo with one extra config; installed elsewhere, timm lists its
+    tag and the EDL layers build and take the fused CPU path."""
     src = tmp_path / "src"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(src)], check=True)
     for rel in ("edl_timm", "hub_configs", "pyproject.toml"):  # the working tree, not only what is committed
@@ -259,14 +260,17 @@ def test_wheel_ships_hub_configs_and_registers_their_tags(tmp_path):
     wheel = next((tmp_path / "dist").glob("edl_timm-*.whl"))
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)], check=True)
-    code = ("import edl_timm, timm; print(edl_timm.__file__); print(timm.list_pretrained('edl_*')); "
-            "print(timm.models.get_pretrained_cfg('edl_resnet18').hf_hub_id)")
-    env = dict(os.environ, PYTHONPATH=str(target))
+    code = ("import edl_timm, timm, torch; print(edl_timm.__file__); print(timm.list_pretrained('edl_*')); "
+            "print(timm.models.get_pretrained_cfg('edl_resnet18').hf_hub_id); "
+            "y = edl_timm.EDLConv2d(3, 4, 3)(torch.randn(2, 3, 8, 8, requires_grad=True)); "
+            "print(type(y.grad_fn).__name__)")  # the wheel carries the fused kernels' C source
+    env = dict(os.environ, PYTHONPATH=str(target), EDL_TIMM_CACHE=str(tmp_path / "kernels"))
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
     lines = out.strip().splitlines()
     assert lines[0].startswith(str(target))
     assert "'edl_resnet18.unit'" in lines[1]
     assert lines[2] == "edl-timm/edl_resnet18.unit"
+    assert lines[3] == "_FusedSolveBackward"
 
 
 def test_full_pipeline_train_evaluate_publish_load_offline(tiny_run, cifar_dir, hf_cache, tmp_path):

@@ -47,8 +47,8 @@ _f = ctypes.c_float
 _SIGNATURES = {
     "edl_first": (None, [_p, _i64, _i64, _f, _f, ctypes.c_int, _p, _p]),
     "edl_residual": (None, [_p, _p, _p, _i64, _i64, _f, _f, ctypes.c_int]),
-    "edl_code": (None, [_p, _p, _p, _i64, _i64]),
-    "edl_out_grad": (None, [_p, _p, _p, _i64, _i64, _p, _p]),
+    "edl_code": (None, [_p, _p, _p, _i64, _i64, _f, _p]),
+    "edl_out_grad": (None, [_p, _p, _p, _i64, _i64, _p, _p, _p]),
     "edl_reweight_grad": (ctypes.c_double, [_p, _p, _i64, _f, _f]),
     "edl_mask_sub": (None, [_p, _p, _p, _i64]),
     "edl_first_grad": (ctypes.c_double, [_p, _p, _p, _p, _p, _i64, _i64, _f, _f, ctypes.c_int]),
@@ -137,7 +137,9 @@ def library():
 
 @contextmanager
 def eager():
-    """Run EDL layers on the eager solver inside this block (the reference; tests compare)."""
+    """Run EDL layers on the eager solver inside this block: the reference the tests compare the
+    fused path against, and the path for second-order gradients (``create_graph=True``), which
+    the fused node does not provide. Public as ``edl_timm.eager_solver``."""
     global _enabled
     before, _enabled = _enabled, False
     try:
@@ -174,21 +176,25 @@ def _ptrs(tensors):
 
 
 def solve(layer, x: torch.Tensor, num_iters: int) -> torch.Tensor:
-    """``layer``'s code of ``x`` with its input normalisation (no bias), through the fused node."""
+    """``layer``'s output for ``x`` (code, input normalisation and bias) through the fused node."""
     m, lerp_w = layer._scalars()
-    return _FusedSolve.apply(x, layer.weight, m, lerp_w, layer, num_iters)
+    return _FusedSolve.apply(x, layer.weight, m, lerp_w, layer.bias, layer, num_iters)
 
 
 class _FusedSolve(torch.autograd.Function):
-    """s * code(x / s) by T RISTA steps (see ``_EDLMixin.solve`` for the recursion), differentiable
-    in x, the raw weight, the analysis scale m and the lerp weight lw (both 0-d, from ``_scalars``).
+    """s * code(x / s) + bias by T RISTA steps (see ``_EDLMixin.solve`` for the recursion),
+    differentiable in x, the raw weight, the analysis scale m and the lerp weight lw (both 0-d, from
+    ``_scalars``) and the bias.
+
+    The threshold and the bias are applied by the code-update loop, not by the convolution or
+    matrix product: a bias there costs a full copy into the output (addmm) on CPU.
 
     Saves x, the scales, the dictionaries, each step's analysis input p_t, the codes z_t and the
     output; the residuals r_t are recovered from p_t. The eager path also keeps r_t.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, m, lerp_w, layer, steps):
+    def forward(ctx, x, weight, m, lerp_w, bias, layer, steps):
         lib = library()
         normalize = layer.normalize_input
         eps = float(layer.eps)
@@ -201,8 +207,7 @@ class _FusedSolve(torch.autograd.Function):
         Dm = torch.empty_like(weight)
         inv = torch.empty(O, dtype=torch.float32)
         lib.edl_dict(weight.data_ptr(), O, K, mf, int(layer.normalize_atoms), D.data_ptr(), Dm.data_ptr(), inv.data_ptr())
-        # the soft threshold lam * tau rides on the analysis bias (codes are non-negative)
-        an_bias = torch.full((O,), -layer.lam * float(layer.step_size), dtype=torch.float32)
+        thr = layer.lam * float(layer.step_size)
 
         G = layer._block_size(x)
         N = x.numel() // G
@@ -213,21 +218,23 @@ class _FusedSolve(torch.autograd.Function):
         else:
             p = x
         ps, zs = [p], []
-        v = layer._analyze(p, Dm, an_bias).contiguous()
+        v = layer._analyze(p, Dm, None).contiguous()
         Gc = v.numel() // N
+        bias_block = None if bias is None else layer._bias_block(bias.detach(), v).contiguous()
         z = None
         for _ in range(1, steps):
-            lib.edl_code(v.data_ptr(), _ptr(z), None, N, Gc)
+            lib.edl_code(v.data_ptr(), _ptr(z), None, N, Gc, thr, None)
             z = v
             q = layer._synthesize(z, D, x).contiguous()
             lib.edl_residual(q.data_ptr(), x.data_ptr(), _ptr(s), N, G, w, eps, int(has_rw))
             zs.append(z)
             ps.append(q)
-            v = layer._analyze(q, Dm, an_bias).contiguous()
-        lib.edl_code(v.data_ptr(), _ptr(z), _ptr(s), N, Gc)
+            v = layer._analyze(q, Dm, None).contiguous()
+        lib.edl_code(v.data_ptr(), _ptr(z), _ptr(s), N, Gc, thr, _ptr(bias_block))
         ctx.layer, ctx.steps, ctx.N, ctx.G, ctx.Gc, ctx.O, ctx.K = layer, steps, N, G, Gc, O, K
         ctx.w, ctx.eps, ctx.m, ctx.has_rw, ctx.has_s = w, eps, mf, has_rw, normalize
-        ctx.save_for_backward(x, v, Dm, D, inv, *([s] if normalize else []), *ps, *zs)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, v, Dm, D, inv, *([s] if normalize else []), *([bias_block] if ctx.has_bias else []), *ps, *zs)
         return v
 
     @staticmethod
@@ -239,6 +246,7 @@ class _FusedSolve(torch.autograd.Function):
         x, out, Dm, D, inv = saved[:5]
         rest = saved[5:]
         s = rest.pop(0) if ctx.has_s else None
+        bias_block = rest.pop(0) if ctx.has_bias else None
         ps, zs = rest[:steps], rest[steps:]
         need_x = ctx.needs_input_grad[0]
         need_lerp = has_rw and ctx.needs_input_grad[3]
@@ -246,7 +254,8 @@ class _FusedSolve(torch.autograd.Function):
         g = grad.contiguous()
         gv = torch.empty_like(out)
         gs = torch.empty(N, dtype=torch.float32) if s is not None else None
-        lib.edl_out_grad(g.data_ptr(), out.data_ptr(), _ptr(s), N, Gc, gv.data_ptr(), _ptr(gs))
+        lib.edl_out_grad(g.data_ptr(), out.data_ptr(), _ptr(s), N, Gc, _ptr(bias_block), gv.data_ptr(), _ptr(gs))
+        g_bias = layer._bias_grad(g) if ctx.has_bias and ctx.needs_input_grad[4] else None
         g_an, g_syn = [], []
         gu = gx = None
         g_w = 0.0
@@ -279,4 +288,4 @@ class _FusedSolve(torch.autograd.Function):
         )
         g_m = torch.tensor(dm, dtype=torch.float32) if ctx.needs_input_grad[2] else None
         g_lerp = torch.tensor(g_w, dtype=torch.float32) if need_lerp else None
-        return gx, g_weight if ctx.needs_input_grad[1] else None, g_m, g_lerp, None, None
+        return gx, g_weight if ctx.needs_input_grad[1] else None, g_m, g_lerp, g_bias, None, None

@@ -112,9 +112,10 @@ void edl_residual(float *q, const float *x, const float *s, int64_t N, int64_t G
     }
 }
 
-/* Code update, in place: v = relu(v + z) (z may be NULL: the first step), times s[n] when s is
-   given (the last step rescales the code to the input's scale). */
-void edl_code(float *v, const float *z, const float *s, int64_t N, int64_t G) {
+/* Code update, in place: v = relu(v + z - thr) (z may be NULL: the first step), times s[n] when s
+   is given (the last step rescales the code to the input's scale), plus bias[i] when given (the
+   layer's bias laid out over one block: the last step). */
+void edl_code(float *v, const float *z, const float *s, int64_t N, int64_t G, float thr, const float *bias) {
     const int64_t C = chunks_per_block(G), items = N * C;
 #pragma omp parallel for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
@@ -123,16 +124,21 @@ void edl_code(float *v, const float *z, const float *s, int64_t N, int64_t G) {
         float *vb = v + n * G;
         const float *zb = z ? z + n * G : 0;
         if (zb) {
-            for (int64_t i = lo; i < hi; ++i) { const float a = vb[i] + zb[i]; vb[i] = a > 0.f ? a * sc : 0.f; }
+            for (int64_t i = lo; i < hi; ++i) { const float a = vb[i] + zb[i] - thr; vb[i] = a > 0.f ? a * sc : 0.f; }
         } else {
-            for (int64_t i = lo; i < hi; ++i) { const float a = vb[i]; vb[i] = a > 0.f ? a * sc : 0.f; }
+            for (int64_t i = lo; i < hi; ++i) { const float a = vb[i] - thr; vb[i] = a > 0.f ? a * sc : 0.f; }
+        }
+        if (bias) {
+            for (int64_t i = lo; i < hi; ++i) vb[i] += bias[i];
         }
     }
 }
 
-/* Backward of the output stage out = s * relu(v): gv = g * s * [out > 0] and, when s is given,
-   gs[n] = sum(g * out) / s[n] (the code's own share of the scale's gradient). */
-void edl_out_grad(const float *g, const float *out, const float *s, int64_t N, int64_t G, float *gv, float *gs) {
+/* Backward of the output stage out = s * relu(a) + bias: with c = out - bias (the scaled code),
+   gv = g * s * [c > 0] and, when s is given, gs[n] = sum(g * c) / s[n] (the code's share of the
+   scale's gradient). bias may be NULL. */
+void edl_out_grad(const float *g, const float *out, const float *s, int64_t N, int64_t G, const float *bias,
+                  float *gv, float *gs) {
     const int64_t C = chunks_per_block(G), items = N * C;
     double *part = s ? (double *)malloc(sizeof(double) * (size_t)items) : 0;
 #pragma omp parallel for schedule(static)
@@ -140,11 +146,20 @@ void edl_out_grad(const float *g, const float *out, const float *s, int64_t N, i
         const int64_t n = it / C, lo = (it % C) * CHUNK, hi = lo + CHUNK < G ? lo + CHUNK : G;
         const float sc = s ? s[n] : 1.f, *gb = g + n * G, *ob = out + n * G;
         float *vb = gv + n * G, acc = 0.f;
+        if (bias) {
 #pragma omp simd reduction(+ : acc)
-        for (int64_t i = lo; i < hi; ++i) {
-            const float gi = gb[i], o = ob[i];
-            acc += gi * o;
-            vb[i] = o > 0.f ? gi * sc : 0.f;
+            for (int64_t i = lo; i < hi; ++i) {
+                const float gi = gb[i], c = ob[i] - bias[i];
+                acc += gi * c;
+                vb[i] = c > 0.f ? gi * sc : 0.f;
+            }
+        } else {
+#pragma omp simd reduction(+ : acc)
+            for (int64_t i = lo; i < hi; ++i) {
+                const float gi = gb[i], c = ob[i];
+                acc += gi * c;
+                vb[i] = c > 0.f ? gi * sc : 0.f;
+            }
         }
         if (part) part[it] = acc;
     }

@@ -47,8 +47,10 @@ Choices where the method note is silent (each with its reason; see README "EDL l
   touched in eval mode. It is treated as a constant by autograd.
 
 Speed: tau, the balance constant of the reweighting and the threshold are folded into the analysis
-weight and bias, so a step costs the two convolutions plus four elementwise passes (residual,
-hardtanh, lerp, add) and the threshold is fused into the convolution's bias.
+weight and bias. On CPU in float32, ``forward`` runs the solver through ``_fused.py``: one autograd
+node whose elementwise stages are C loops (one memory pass per stage, forward and backward). Everywhere
+else (GPU, float64, autocast, BPDA, signed codes, TorchScript, fx, torch.compile) it runs ``solve``
+below, the eager reference, whose reweighting has a hand-written backward.
 """
 import math
 from typing import List, Optional, Tuple
@@ -109,6 +111,14 @@ class _Reweight(torch.autograd.Function):
         r, w = ctx.saved_tensors
         eps = ctx.eps
         grad_r = grad_w = None
+        if torch.is_grad_enabled():  # create_graph=True: the same formulas, differentiable
+            wr = w.to(r.dtype)
+            inside = (r > -eps) & (r < eps)
+            if ctx.needs_input_grad[1]:
+                grad_w = (grad * (r - torch.clamp(r, -eps, eps))).sum().to(w.dtype)
+            if ctx.needs_input_grad[0]:
+                grad_r = torch.where(inside, grad, grad * wr)
+            return grad_r, grad_w, None
         buf = torch.clamp(r, -eps, eps)
         if ctx.needs_input_grad[1]:
             grad_w = (_dot(grad, r) - _dot(grad, buf)).to(w.dtype)
@@ -332,8 +342,7 @@ class _EDLMixin:
             if self.training and not is_fx_symbolic_tracing():
                 self._refresh_step_size(x)
             if _fused.usable(self, x):  # same arithmetic, fused elementwise passes (float32 on CPU)
-                z = _fused.solve(self, x, steps)
-                return z if self.bias is None else z + self._bias_view(self.bias)
+                return _fused.solve(self, x, steps)
         if self.normalize_input:
             scale = self._input_scale(x)
             z = self.solve(x / scale, steps) * scale
@@ -524,9 +533,16 @@ class EDLConv2d(_EDLMixin, nn.Conv2d):
     def _bias_view(self, bias: torch.Tensor) -> torch.Tensor:
         return bias.view(1, -1, 1, 1)
 
-    # for the fused path (_fused.py): a block is one sample; gradients of the two operators
+    # for the fused path (_fused.py): a block is one sample; the bias over one block of the output;
+    # gradients of the bias and of the two operators
     def _block_size(self, x: torch.Tensor) -> int:
         return x.shape[1] * x.shape[2] * x.shape[3]
+
+    def _bias_block(self, bias: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return bias.repeat_interleave(out.shape[2] * out.shape[3])
+
+    def _bias_grad(self, g: torch.Tensor) -> torch.Tensor:
+        return g.sum((0, 2, 3))
 
     def _analyze_backward(self, gv: torch.Tensor, p: torch.Tensor, weight: torch.Tensor, need_input: bool):
         gi, gw, _ = torch.ops.aten.convolution_backward(
@@ -614,6 +630,12 @@ class EDLLinear(_EDLMixin, nn.Linear):
 
     def _block_size(self, x: torch.Tensor) -> int:
         return x.shape[-1]
+
+    def _bias_block(self, bias: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return bias
+
+    def _bias_grad(self, g: torch.Tensor) -> torch.Tensor:
+        return g.reshape(-1, g.shape[-1]).sum(0)
 
     def _analyze_backward(self, gv: torch.Tensor, p: torch.Tensor, weight: torch.Tensor, need_input: bool):
         gi = gv.matmul(weight) if need_input else None
