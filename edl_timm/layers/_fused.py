@@ -47,12 +47,12 @@ _f = ctypes.c_float
 _SIGNATURES = {
     "edl_first": (None, [_p, _i64, _i64, _f, _f, ctypes.c_int, _p, _p]),
     "edl_residual": (None, [_p, _p, _p, _i64, _i64, _f, _f, ctypes.c_int]),
-    "edl_code": (None, [_p, _p, _p, _i64, _i64, _f, _p]),
-    "edl_out_grad": (None, [_p, _p, _p, _i64, _i64, _p, _p, _p]),
+    "edl_code": (None, [_p, _p, _p, _i64, _i64, _f, _f, _p]),
+    "edl_out_grad": (None, [_p, _p, _p, _i64, _i64, _f, _p, _p, _p]),
     "edl_reweight_grad": (ctypes.c_double, [_p, _p, _i64, _f, _f]),
-    "edl_mask_sub": (None, [_p, _p, _p, _i64]),
+    "edl_mask_sub": (None, [_p, _p, _p, _i64, _f]),
     "edl_first_grad": (ctypes.c_double, [_p, _p, _p, _p, _p, _i64, _i64, _f, _f, ctypes.c_int]),
-    "edl_dict": (None, [_p, _i64, _i64, _f, ctypes.c_int, _p, _p, _p]),
+    "edl_dict": (None, [_p, _i64, _i64, ctypes.c_int, _p, _p]),
     "edl_dict_grad": (ctypes.c_double, [_p, _p, _i64, _i64, _f, ctypes.c_int, _p, _i64, _p, _i64, _p]),
 }
 
@@ -204,9 +204,8 @@ class _FusedSolve(torch.autograd.Function):
         weight = weight.contiguous()
         O, K = weight.shape[0], weight.numel() // weight.shape[0]
         D = torch.empty_like(weight)
-        Dm = torch.empty_like(weight)
         inv = torch.empty(O, dtype=torch.float32)
-        lib.edl_dict(weight.data_ptr(), O, K, mf, int(layer.normalize_atoms), D.data_ptr(), Dm.data_ptr(), inv.data_ptr())
+        lib.edl_dict(weight.data_ptr(), O, K, int(layer.normalize_atoms), D.data_ptr(), inv.data_ptr())
         thr = layer.lam * float(layer.step_size)
 
         G = layer._block_size(x)
@@ -218,23 +217,23 @@ class _FusedSolve(torch.autograd.Function):
         else:
             p = x
         ps, zs = [p], []
-        v = layer._analyze(p, Dm, None).contiguous()
+        v = layer._analyze(p, D, None).contiguous()
         Gc = v.numel() // N
         bias_block = None if bias is None else layer._bias_block(bias.detach(), v).contiguous()
         z = None
         for _ in range(1, steps):
-            lib.edl_code(v.data_ptr(), _ptr(z), None, N, Gc, thr, None)
+            lib.edl_code(v.data_ptr(), _ptr(z), None, N, Gc, mf, thr, None)
             z = v
             q = layer._synthesize(z, D, x).contiguous()
             lib.edl_residual(q.data_ptr(), x.data_ptr(), _ptr(s), N, G, w, eps, int(has_rw))
             zs.append(z)
             ps.append(q)
-            v = layer._analyze(q, Dm, None).contiguous()
-        lib.edl_code(v.data_ptr(), _ptr(z), _ptr(s), N, Gc, thr, _ptr(bias_block))
+            v = layer._analyze(q, D, None).contiguous()
+        lib.edl_code(v.data_ptr(), _ptr(z), _ptr(s), N, Gc, mf, thr, _ptr(bias_block))
         ctx.layer, ctx.steps, ctx.N, ctx.G, ctx.Gc, ctx.O, ctx.K = layer, steps, N, G, Gc, O, K
         ctx.w, ctx.eps, ctx.m, ctx.has_rw, ctx.has_s = w, eps, mf, has_rw, normalize
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, v, Dm, D, inv, *([s] if normalize else []), *([bias_block] if ctx.has_bias else []), *ps, *zs)
+        ctx.save_for_backward(x, v, D, inv, *([s] if normalize else []), *([bias_block] if ctx.has_bias else []), *ps, *zs)
         return v
 
     @staticmethod
@@ -243,8 +242,8 @@ class _FusedSolve(torch.autograd.Function):
         lib = library()
         layer, steps, N, G, Gc, w, eps, has_rw = ctx.layer, ctx.steps, ctx.N, ctx.G, ctx.Gc, ctx.w, ctx.eps, ctx.has_rw
         saved = list(ctx.saved_tensors)
-        x, out, Dm, D, inv = saved[:5]
-        rest = saved[5:]
+        x, out, D, inv = saved[:4]
+        rest = saved[4:]
         s = rest.pop(0) if ctx.has_s else None
         bias_block = rest.pop(0) if ctx.has_bias else None
         ps, zs = rest[:steps], rest[steps:]
@@ -254,14 +253,15 @@ class _FusedSolve(torch.autograd.Function):
         g = grad.contiguous()
         gv = torch.empty_like(out)
         gs = torch.empty(N, dtype=torch.float32) if s is not None else None
-        lib.edl_out_grad(g.data_ptr(), out.data_ptr(), _ptr(s), N, Gc, _ptr(bias_block), gv.data_ptr(), _ptr(gs))
+        # gv carries the factor m from here on: it is the gradient of the analysis output A(p_t)
+        lib.edl_out_grad(g.data_ptr(), out.data_ptr(), _ptr(s), N, Gc, ctx.m, _ptr(bias_block), gv.data_ptr(), _ptr(gs))
         g_bias = layer._bias_grad(g) if ctx.has_bias and ctx.needs_input_grad[4] else None
         g_an, g_syn = [], []
         gu = gx = None
         g_w = 0.0
         for t in range(steps - 1, -1, -1):
             need_p = t > 0 or need_x or need_lerp
-            gp, gwa = layer._analyze_backward(gv, ps[t], Dm, need_p)
+            gp, gwa = layer._analyze_backward(gv, ps[t], D, need_p)
             g_an.append(gwa.contiguous())
             if t > 0:
                 z = zs[t - 1]
@@ -272,7 +272,7 @@ class _FusedSolve(torch.autograd.Function):
                 g_syn.append(gws.contiguous())
                 gu = gp if gu is None else gu.add_(gp)  # r_t = u - A*(z_t): u collects every step's
                 gz = gz.contiguous()
-                lib.edl_mask_sub(gz.data_ptr(), gv.data_ptr(), z.data_ptr(), gz.numel())
+                lib.edl_mask_sub(gz.data_ptr(), gv.data_ptr(), z.data_ptr(), gz.numel(), ctx.m)
                 gv = gz
             elif need_p:
                 gp = gp.contiguous()
@@ -281,7 +281,7 @@ class _FusedSolve(torch.autograd.Function):
                         gp.data_ptr(), x.data_ptr(), _ptr(s), _ptr(gu), _ptr(gs), N, G, w, eps, int(has_rw)
                     )
                 gx = gp if need_x else None
-        g_weight = torch.empty_like(Dm)
+        g_weight = torch.empty_like(D)
         dm = lib.edl_dict_grad(
             D.data_ptr(), inv.data_ptr(), ctx.O, ctx.K, ctx.m,
             int(layer.normalize_atoms), _ptrs(g_an), len(g_an), _ptrs(g_syn), len(g_syn), g_weight.data_ptr(),

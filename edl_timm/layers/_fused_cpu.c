@@ -112,10 +112,11 @@ void edl_residual(float *q, const float *x, const float *s, int64_t N, int64_t G
     }
 }
 
-/* Code update, in place: v = relu(v + z - thr) (z may be NULL: the first step), times s[n] when s
-   is given (the last step rescales the code to the input's scale), plus bias[i] when given (the
-   layer's bias laid out over one block: the last step). */
-void edl_code(float *v, const float *z, const float *s, int64_t N, int64_t G, float thr, const float *bias) {
+/* Code update, in place: v = relu(m v + z - thr), where v holds the analysis A(p) with unit atoms
+   and m the step size times the reweighting constant (z may be NULL: the first step); times s[n]
+   when s is given (the last step rescales the code to the input's scale), plus bias[i] when
+   given (the layer's bias laid out over one block: the last step). */
+void edl_code(float *v, const float *z, const float *s, int64_t N, int64_t G, float m, float thr, const float *bias) {
     const int64_t C = chunks_per_block(G), items = N * C;
 #pragma omp parallel for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
@@ -124,9 +125,9 @@ void edl_code(float *v, const float *z, const float *s, int64_t N, int64_t G, fl
         float *vb = v + n * G;
         const float *zb = z ? z + n * G : 0;
         if (zb) {
-            for (int64_t i = lo; i < hi; ++i) { const float a = vb[i] + zb[i] - thr; vb[i] = a > 0.f ? a * sc : 0.f; }
+            for (int64_t i = lo; i < hi; ++i) { const float a = m * vb[i] + zb[i] - thr; vb[i] = a > 0.f ? a * sc : 0.f; }
         } else {
-            for (int64_t i = lo; i < hi; ++i) { const float a = vb[i] - thr; vb[i] = a > 0.f ? a * sc : 0.f; }
+            for (int64_t i = lo; i < hi; ++i) { const float a = m * vb[i] - thr; vb[i] = a > 0.f ? a * sc : 0.f; }
         }
         if (bias) {
             for (int64_t i = lo; i < hi; ++i) vb[i] += bias[i];
@@ -134,17 +135,18 @@ void edl_code(float *v, const float *z, const float *s, int64_t N, int64_t G, fl
     }
 }
 
-/* Backward of the output stage out = s * relu(a) + bias: with c = out - bias (the scaled code),
-   gv = g * s * [c > 0] and, when s is given, gs[n] = sum(g * c) / s[n] (the code's share of the
-   scale's gradient). bias may be NULL. */
-void edl_out_grad(const float *g, const float *out, const float *s, int64_t N, int64_t G, const float *bias,
+/* Backward of the output stage out = s * relu(m v + ...) + bias: with c = out - bias (the scaled
+   code), gv = m * g * s * [c > 0] (the gradient of the analysis output v, which the convolution's
+   backward takes) and, when s is given, gs[n] = sum(g * c) / s[n] (the code's share of the scale's
+   gradient). bias may be NULL. */
+void edl_out_grad(const float *g, const float *out, const float *s, int64_t N, int64_t G, float m, const float *bias,
                   float *gv, float *gs) {
     const int64_t C = chunks_per_block(G), items = N * C;
     double *part = s ? (double *)malloc(sizeof(double) * (size_t)items) : 0;
 #pragma omp parallel for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
         const int64_t n = it / C, lo = (it % C) * CHUNK, hi = lo + CHUNK < G ? lo + CHUNK : G;
-        const float sc = s ? s[n] : 1.f, *gb = g + n * G, *ob = out + n * G;
+        const float sc = (s ? s[n] : 1.f) * m, *gb = g + n * G, *ob = out + n * G;
         float *vb = gv + n * G, acc = 0.f;
         if (bias) {
 #pragma omp simd reduction(+ : acc)
@@ -194,12 +196,13 @@ double edl_reweight_grad(float *gp, const float *p, int64_t n, float w, float e)
     return w > 0.f ? total / (double)w : 0.0;
 }
 
-/* Backward through z_t (t >= 1), in place: gz <- (gv - gz) * [z > 0], where gz is the gradient
-   through the synthesis A*(z) (which the residual subtracts) and gv the gradient through the skip
-   connection of the next step. */
-void edl_mask_sub(float *gz, const float *gv, const float *z, int64_t n) {
+/* Backward through z_t (t >= 1), in place: gz <- (gv - m gz) * [z > 0], where gz is the gradient
+   through the synthesis A*(z) (which the residual subtracts) and gv = m * (the gradient through
+   the skip connection of the next step): the result is m times the gradient of z_t's pre-threshold
+   value, what the previous analysis's backward takes. */
+void edl_mask_sub(float *gz, const float *gv, const float *z, int64_t n, float m) {
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; ++i) gz[i] = z[i] > 0.f ? gv[i] - gz[i] : 0.f;
+    for (int64_t i = 0; i < n; ++i) gz[i] = z[i] > 0.f ? gv[i] - m * gz[i] : 0.f;
 }
 
 /* Backward of the first step and of the input normalisation.
@@ -291,10 +294,10 @@ double edl_first_grad(float *gp, const float *x, const float *s, const float *gu
     return total;
 }
 
-/* The dictionaries, from the raw weight W (O rows of K values): D = W / |W_o| per row (W itself
-   without atom normalisation; inv[o] gets 1 / |W_o| or 1) and Dm = m D, the analysis weight with
-   the step size and reweighting constant m folded in. D may be NULL (one step: no synthesis). */
-void edl_dict(const float *W, int64_t O, int64_t K, float m, int normalize, float *D, float *Dm, float *inv) {
+/* The dictionary from the raw weight W (O rows of K values): D = W / |W_o| per row (W itself
+   without atom normalisation); inv[o] gets 1 / |W_o| (or 1). The analysis uses D too: its scale m
+   is applied by edl_code. */
+void edl_dict(const float *W, int64_t O, int64_t K, int normalize, float *D, float *inv) {
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < O; ++o) {
         const float *wr = W + o * K;
@@ -306,16 +309,15 @@ void edl_dict(const float *W, int64_t O, int64_t K, float m, int normalize, floa
             a = (float)(1.0 / (nrm > 1e-12 ? nrm : 1e-12));
         }
         inv[o] = a;
-        const float am = a * m;
-        if (D) for (int64_t k = 0; k < K; ++k) D[o * K + k] = wr[k] * a;
-        for (int64_t k = 0; k < K; ++k) Dm[o * K + k] = wr[k] * am;
+        for (int64_t k = 0; k < K; ++k) D[o * K + k] = wr[k] * a;
     }
 }
 
-/* Backward of edl_dict, summing the convolutions' weight gradients on the way: gan[0..na) are
-   gradients of Dm, gsyn[0..ns) gradients of the synthesis A*(z) = convT(z, D), which the residual
-   subtracts. gD = m sum(gan) - sum(gsyn); dW = (gD - D <gD, D>) inv per row (the derivative of
-   W / |W|), or gD without normalisation. Returns dm = <sum(gan), D>. */
+/* Backward of edl_dict, summing the convolutions' weight gradients on the way: gan[0..na) are the
+   analyses' gradients of D (their output gradients carry m), gsyn[0..ns) the gradients of the
+   synthesis A*(z) = convT(z, D), which the residual subtracts. gD = sum(gan) - sum(gsyn);
+   dW = (gD - D <gD, D>) inv per row (the derivative of W / |W|), or gD without normalisation.
+   Returns dm = <sum(gan), D> / m (the analyses are linear in D and in m). */
 double edl_dict_grad(const float *D, const float *inv, int64_t O, int64_t K, float m, int normalize,
                      const float *const *gan, int64_t na, const float *const *gsyn, int64_t ns, float *gW) {
     double dm = 0.0;
@@ -327,10 +329,10 @@ double edl_dict_grad(const float *D, const float *inv, int64_t O, int64_t K, flo
             const float *g = gan[a] + o * K;
             if (a == 0) {
 #pragma omp simd reduction(+ : dmo)
-                for (int64_t k = 0; k < K; ++k) { dmo += g[k] * dr[k]; gr[k] = m * g[k]; }
+                for (int64_t k = 0; k < K; ++k) { dmo += g[k] * dr[k]; gr[k] = g[k]; }
             } else {
 #pragma omp simd reduction(+ : dmo)
-                for (int64_t k = 0; k < K; ++k) { dmo += g[k] * dr[k]; gr[k] += m * g[k]; }
+                for (int64_t k = 0; k < K; ++k) { dmo += g[k] * dr[k]; gr[k] += g[k]; }
             }
         }
         for (int64_t b = 0; b < ns; ++b) {
@@ -348,5 +350,5 @@ double edl_dict_grad(const float *D, const float *inv, int64_t O, int64_t K, flo
             for (int64_t k = 0; k < K; ++k) gr[k] = (gr[k] - dr[k] * dot) * a;
         }
     }
-    return dm;
+    return dm / (double)m;
 }
