@@ -1,0 +1,34 @@
+"""Allocator setting for CPU training and evaluation processes.
+
+glibc's malloc hands large freed blocks back to the kernel (its trim threshold and dynamic mmap
+threshold), so a training step that allocates many activation-sized tensors page-faults on every
+one of them, every step. An EDL layer allocates more activation-sized tensors than a convolution
+(its solver's steps), so it pays more: 5-10% of a CPU training step here (benchmarks/layer_speed.py
+prints both settings). PyTorch's CPU performance guide answers this with jemalloc or tcmalloc
+through LD_PRELOAD; glibc's own mallopt does the same without installing anything.
+
+The library never calls this on import: it changes the whole process. ``scripts/train.py`` and
+``scripts/evaluate.py`` call it when they run on the CPU.
+"""
+import ctypes
+import sys
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's upper bound on 64-bit systems (HEAP_MAX_SIZE / 2)
+TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: keep up to 2 GiB of freed memory for reuse
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc malloc keep freed memory for reuse: blocks up to 32 MiB come from the heap, and
+    the heap is not trimmed below 2 GiB of free space. Returns True when applied, False where the
+    C library has no glibc mallopt (macOS, Windows, musl), which leaves everything as it was."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # mmap threshold first: setting either value turns off glibc's dynamic adjustment of both
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
