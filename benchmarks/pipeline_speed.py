@@ -15,6 +15,7 @@ import torch
 
 import edl_timm  # noqa: F401  (registers the models)
 from edl_timm.attacks import Normalized, pgd
+from edl_timm.cpu import keep_freed_memory
 from edl_timm.training import TrainConfig, _loss
 
 
@@ -42,6 +43,7 @@ def main():
     args = p.parse_args()
     torch.manual_seed(0)
     dev = torch.device(args.device)
+    kept = dev.type == "cpu" and keep_freed_memory()  # as scripts/train.py and evaluate.py do on the CPU
     x = torch.rand(args.batch_size, 3, 32, 32, device=dev)
     y = torch.randint(0, 10, (args.batch_size,), device=dev)
     rows = {}
@@ -74,7 +76,8 @@ def main():
         for adv in ("none", "fgsm", "pgd"):
             rows[label][f"train --adv {adv}"] = args.batch_size / timed(step(adv), args.repeats)
     print(f"{args.model} on {args.device}, batch {args.batch_size}{', bf16' if args.bf16 else ''}"
-          f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}")
+          f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}"
+          f"{', keep_freed_memory()' if kept else ''}")
     print(f"{'':<20} {'EDL img/s':>10} {'plain img/s':>12} {'EDL/plain time':>15}")
     for key in rows["edl"]:
         e, pl = rows["edl"][key], rows["plain"][key]

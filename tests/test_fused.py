@@ -252,3 +252,28 @@ def test_keep_freed_memory_stops_page_faults_on_reallocation():
     assert applied == "True"
     pages_touched = 10 * 4 * (16 * 1024 * 1024 // 4096)
     assert int(faults) < 0.01 * pages_touched, faults
+
+
+def test_input_gradient_alone_skips_the_weight_gradients():
+    """An attack's torch.autograd.grad(loss, x): the fused node computes x's gradient (equal to the
+    full backward's) and no weight gradient: its convolution backward is asked for inputs only."""
+    torch.manual_seed(4)
+    layer = EDLConv2d(4, 6, 3, num_iters=2).eval()
+    x = torch.randn(3, 4, 8, 8, requires_grad=True)
+    calls = []
+    original = torch.ops.aten.convolution_backward
+
+    def spy(*args):
+        calls.append(tuple(args[-1]))
+        return original(*args)
+
+    (gx_only,) = torch.autograd.grad(layer(x).square().sum(), x)
+    torch.ops.aten.convolution_backward = spy
+    try:
+        (gx_spied,) = torch.autograd.grad(layer(x).square().sum(), x)
+    finally:
+        torch.ops.aten.convolution_backward = original
+    assert calls and all(mask[1] is False for mask in calls), calls
+    layer(x).square().sum().backward()
+    assert torch.equal(gx_only, gx_spied) and torch.allclose(gx_only, x.grad, rtol=0, atol=0)
+    assert layer.weight.grad is not None and layer.beta_logit.grad is not None

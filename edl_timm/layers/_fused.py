@@ -171,6 +171,22 @@ def _ptr(t: Optional[torch.Tensor]):
     return None if t is None else t.data_ptr()
 
 
+def _wanted(ctx, i: int) -> bool:
+    """Whether this backward pass needs the gradient of input i. ``needs_input_grad`` only says
+    whether the input requires grad; an attack's ``torch.autograd.grad(loss, x)`` wants x alone,
+    and skipping the weight gradients there saves a third of the backward convolutions (PyTorch's
+    own convolution nodes skip them the same way). Same engine query as torch.utils.checkpoint."""
+    if not ctx.needs_input_grad[i]:
+        return False
+    node = ctx.next_functions[ctx.edges[i]][0]  # next_functions has one edge per tensor input
+    if node is None:
+        return False
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):  # an older torch, or no graph task: assume it is needed
+        return True
+
+
 def _ptrs(tensors):
     return (ctypes.c_void_p * max(1, len(tensors)))(*[t.data_ptr() for t in tensors])
 
@@ -233,6 +249,8 @@ class _FusedSolve(torch.autograd.Function):
         ctx.layer, ctx.steps, ctx.N, ctx.G, ctx.Gc, ctx.O, ctx.K = layer, steps, N, G, Gc, O, K
         ctx.w, ctx.eps, ctx.m, ctx.has_rw, ctx.has_s = w, eps, mf, has_rw, normalize
         ctx.has_bias = bias is not None
+        tensor_inputs = [isinstance(a, torch.Tensor) for a in (x, weight, m, lerp_w, bias)]
+        ctx.edges = {i: sum(tensor_inputs[:i]) for i, is_tensor in enumerate(tensor_inputs) if is_tensor}
         ctx.save_for_backward(x, v, D, inv, *([s] if normalize else []), *([bias_block] if ctx.has_bias else []), *ps, *zs)
         return v
 
@@ -247,29 +265,32 @@ class _FusedSolve(torch.autograd.Function):
         s = rest.pop(0) if ctx.has_s else None
         bias_block = rest.pop(0) if ctx.has_bias else None
         ps, zs = rest[:steps], rest[steps:]
-        need_x = ctx.needs_input_grad[0]
-        need_lerp = has_rw and ctx.needs_input_grad[3]
+        need_x = _wanted(ctx, 0)
+        need_lerp = has_rw and _wanted(ctx, 3)
+        need_dict = _wanted(ctx, 1) or _wanted(ctx, 2)  # the weight, or m (through beta)
 
         g = grad.contiguous()
         gv = torch.empty_like(out)
         gs = torch.empty(N, dtype=torch.float32) if s is not None else None
         # gv carries the factor m from here on: it is the gradient of the analysis output A(p_t)
         lib.edl_out_grad(g.data_ptr(), out.data_ptr(), _ptr(s), N, Gc, ctx.m, _ptr(bias_block), gv.data_ptr(), _ptr(gs))
-        g_bias = layer._bias_grad(g) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        g_bias = layer._bias_grad(g) if ctx.has_bias and _wanted(ctx, 4) else None
         g_an, g_syn = [], []
         gu = gx = None
         g_w = 0.0
         for t in range(steps - 1, -1, -1):
             need_p = t > 0 or need_x or need_lerp
-            gp, gwa = layer._analyze_backward(gv, ps[t], D, need_p)
-            g_an.append(gwa.contiguous())
+            gp, gwa = layer._analyze_backward(gv, ps[t], D, need_p, need_dict)
+            if need_dict:
+                g_an.append(gwa.contiguous())
             if t > 0:
                 z = zs[t - 1]
                 gp = gp.contiguous()
                 if has_rw:  # gp becomes the residual's gradient
                     g_w += lib.edl_reweight_grad(gp.data_ptr(), ps[t].data_ptr(), gp.numel(), w, eps)
-                gz, gws = layer._synthesize_backward(gp, z, D, x)
-                g_syn.append(gws.contiguous())
+                gz, gws = layer._synthesize_backward(gp, z, D, x, need_dict)
+                if need_dict:
+                    g_syn.append(gws.contiguous())
                 gu = gp if gu is None else gu.add_(gp)  # r_t = u - A*(z_t): u collects every step's
                 gz = gz.contiguous()
                 lib.edl_mask_sub(gz.data_ptr(), gv.data_ptr(), z.data_ptr(), gz.numel(), ctx.m)
@@ -281,11 +302,14 @@ class _FusedSolve(torch.autograd.Function):
                         gp.data_ptr(), x.data_ptr(), _ptr(s), _ptr(gu), _ptr(gs), N, G, w, eps, int(has_rw)
                     )
                 gx = gp if need_x else None
-        g_weight = torch.empty_like(D)
-        dm = lib.edl_dict_grad(
-            D.data_ptr(), inv.data_ptr(), ctx.O, ctx.K, ctx.m,
-            int(layer.normalize_atoms), _ptrs(g_an), len(g_an), _ptrs(g_syn), len(g_syn), g_weight.data_ptr(),
-        )
-        g_m = torch.tensor(dm, dtype=torch.float32) if ctx.needs_input_grad[2] else None
+        g_weight = g_m = None
+        if need_dict:
+            g_weight = torch.empty_like(D)
+            dm = lib.edl_dict_grad(
+                D.data_ptr(), inv.data_ptr(), ctx.O, ctx.K, ctx.m,
+                int(layer.normalize_atoms), _ptrs(g_an), len(g_an), _ptrs(g_syn), len(g_syn), g_weight.data_ptr(),
+            )
+            g_m = torch.tensor(dm, dtype=torch.float32) if ctx.needs_input_grad[2] else None
+            g_weight = g_weight if ctx.needs_input_grad[1] else None
         g_lerp = torch.tensor(g_w, dtype=torch.float32) if need_lerp else None
-        return gx, g_weight if ctx.needs_input_grad[1] else None, g_m, g_lerp, g_bias, None, None
+        return gx, g_weight, g_m, g_lerp, g_bias, None, None

@@ -544,21 +544,23 @@ class EDLConv2d(_EDLMixin, nn.Conv2d):
     def _bias_grad(self, g: torch.Tensor) -> torch.Tensor:
         return g.sum((0, 2, 3))
 
-    def _analyze_backward(self, gv: torch.Tensor, p: torch.Tensor, weight: torch.Tensor, need_input: bool):
+    def _analyze_backward(self, gv: torch.Tensor, p: torch.Tensor, weight: torch.Tensor, need_input: bool, need_weight: bool):
         gi, gw, _ = torch.ops.aten.convolution_backward(
             gv, p, weight, None, self.stride, self.padding, self.dilation, False, [0, 0], self.groups,
-            [need_input, True, False],
+            [need_input, need_weight, False],
         )
         return gi, gw
 
-    def _synthesize_backward(self, gq: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, like: torch.Tensor):
+    def _synthesize_backward(
+        self, gq: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, like: torch.Tensor, need_weight: bool
+    ):
         out_pad = _output_padding(
             [like.shape[-2], like.shape[-1]], [z.shape[-2], z.shape[-1]], self.stride, self.padding, self.dilation,
             self.kernel_size,
         )
         gi, gw, _ = torch.ops.aten.convolution_backward(
             gq, z, weight, None, self.stride, self.padding, self.dilation, True, out_pad, self.groups,
-            [True, True, False],
+            [True, need_weight, False],
         )
         return gi, gw
 
@@ -637,14 +639,16 @@ class EDLLinear(_EDLMixin, nn.Linear):
     def _bias_grad(self, g: torch.Tensor) -> torch.Tensor:
         return g.reshape(-1, g.shape[-1]).sum(0)
 
-    def _analyze_backward(self, gv: torch.Tensor, p: torch.Tensor, weight: torch.Tensor, need_input: bool):
+    def _analyze_backward(self, gv: torch.Tensor, p: torch.Tensor, weight: torch.Tensor, need_input: bool, need_weight: bool):
         gi = gv.matmul(weight) if need_input else None
-        gw = gv.reshape(-1, gv.shape[-1]).t().matmul(p.reshape(-1, p.shape[-1]))
+        gw = gv.reshape(-1, gv.shape[-1]).t().matmul(p.reshape(-1, p.shape[-1])) if need_weight else None
         return gi, gw
 
-    def _synthesize_backward(self, gq: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, like: torch.Tensor):
+    def _synthesize_backward(
+        self, gq: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, like: torch.Tensor, need_weight: bool
+    ):
         gi = gq.matmul(weight.t())
-        gw = z.reshape(-1, z.shape[-1]).t().matmul(gq.reshape(-1, gq.shape[-1]))
+        gw = z.reshape(-1, z.shape[-1]).t().matmul(gq.reshape(-1, gq.shape[-1])) if need_weight else None
         return gi, gw
 
     def extra_repr(self) -> str:
