@@ -205,58 +205,7 @@ void edl_mask_sub(float *gz, const float *gv, const float *z, int64_t n, float m
     for (int64_t i = 0; i < n; ++i) gz[i] = z[i] > 0.f ? gv[i] - m * gz[i] : 0.f;
 }
 
-/* Backward of the first step and of the input normalisation.
-   gp: gradient of p_0 = f(x / s), overwritten with the input gradient. gu: the gradient already
-   collected for u = x / s by the later steps' residuals (NULL when T = 1). gs: the output's share
-   of the scale's gradient (unused without s). Returns the lerp weight's gradient.
-   Pass 1: gut = f'(u) gp + gu, dot[n] = sum(gut * x). Pass 2: gx = gut / s + k[n] x with
-   k[n] = (gs[n] - dot[n] / s[n]^2) / (G s[n]), from s = sqrt(|x|^2 / G + 1e-10). */
-static double edl_first_grad_chunks(float *gp, const float *x, const float *s, const float *gu, const float *gs,
-                      int64_t N, int64_t G, float w, float e, int has_rw) {
-    const int64_t C = chunks_per_block(G), items = N * C;
-    double *part = s ? (double *)malloc(sizeof(double) * (size_t)items) : 0;
-    double total = 0.0;
-#pragma omp parallel for schedule(static) reduction(+ : total)
-    for (int64_t it = 0; it < items; ++it) {
-        const int64_t n = it / C, lo = (it % C) * CHUNK, hi = lo + CHUNK < G ? lo + CHUNK : G;
-        const float inv = s ? 1.f / s[n] : 1.f, *xb = x + n * G, *ub = gu ? gu + n * G : 0;
-        float *pb = gp + n * G, acc_w = 0.f, acc_d = 0.f;
-#pragma omp simd reduction(+ : acc_w, acc_d)
-        for (int64_t i = lo; i < hi; ++i) {
-            const float xi = xb[i], r = xi * inv, gi = pb[i];
-            float gr = gi;
-            if (has_rw) {
-                acc_w += gi * (r - clampf(r, e));
-                gr = (r > -e && r < e) ? gi : w * gi;
-            }
-            if (ub) gr += ub[i];
-            acc_d += gr * xi;
-            pb[i] = gr;
-        }
-        total += acc_w;
-        if (part) part[it] = acc_d;
-    }
-    if (part) {
-        float *k = (float *)malloc(sizeof(float) * (size_t)N);
-        for (int64_t n = 0; n < N; ++n) {
-            double d = 0.0;
-            for (int64_t c = 0; c < C; ++c) d += part[n * C + c];
-            const double sn = s[n];
-            k[n] = (float)(((double)gs[n] - d / (sn * sn)) / ((double)G * sn));
-        }
-#pragma omp parallel for schedule(static)
-        for (int64_t it = 0; it < items; ++it) {
-            const int64_t n = it / C, lo = (it % C) * CHUNK, hi = lo + CHUNK < G ? lo + CHUNK : G;
-            const float inv = 1.f / s[n], kn = k[n], *xb = x + n * G;
-            float *pb = gp + n * G;
-            for (int64_t i = lo; i < hi; ++i) pb[i] = pb[i] * inv + kn * xb[i];
-        }
-        free(k);
-        free(part);
-    }
-    return total;
-}
-
+/* Pass 1 over values lo..hi of one sample; returns the lerp weight's share, *acc_d the dot. */
 static inline float first_grad_pass1(float *pb, const float *xb, const float *ub, int64_t lo, int64_t hi, float inv,
                                     float w, float e, int has_rw, float *acc_d) {
     float acc_w = 0.f, d = 0.f;
@@ -276,6 +225,50 @@ static inline float first_grad_pass1(float *pb, const float *xb, const float *ub
     return acc_w;
 }
 
+/* k[n] of pass 2, from the sample's dot d = sum(gut * x). */
+static inline float scale_term(float gs, double d, double sn, int64_t G) {
+    return (float)(((double)gs - d / (sn * sn)) / ((double)G * sn));
+}
+
+/* Backward of the first step and of the input normalisation.
+   gp: gradient of p_0 = f(x / s), overwritten with the input gradient. gu: the gradient already
+   collected for u = x / s by the later steps' residuals (NULL when T = 1). gs: the output's share
+   of the scale's gradient (unused without s). Returns the lerp weight's gradient.
+   Pass 1: gut = f'(u) gp + gu, dot[n] = sum(gut * x). Pass 2: gx = gut / s + k[n] x with
+   k[n] = (gs[n] - dot[n] / s[n]^2) / (G s[n]), from s = sqrt(|x|^2 / G + 1e-10). */
+static double edl_first_grad_chunks(float *gp, const float *x, const float *s, const float *gu, const float *gs,
+                      int64_t N, int64_t G, float w, float e, int has_rw) {
+    const int64_t C = chunks_per_block(G), items = N * C;
+    double *part = s ? (double *)malloc(sizeof(double) * (size_t)items) : 0;
+    double total = 0.0;
+#pragma omp parallel for schedule(static) reduction(+ : total)
+    for (int64_t it = 0; it < items; ++it) {
+        const int64_t n = it / C, lo = (it % C) * CHUNK, hi = lo + CHUNK < G ? lo + CHUNK : G;
+        const float inv = s ? 1.f / s[n] : 1.f, *ub = gu ? gu + n * G : 0;
+        float acc_d;
+        total += first_grad_pass1(gp + n * G, x + n * G, ub, lo, hi, inv, w, e, has_rw, &acc_d);
+        if (part) part[it] = acc_d;
+    }
+    if (part) {
+        float *k = (float *)malloc(sizeof(float) * (size_t)N);
+        for (int64_t n = 0; n < N; ++n) {
+            double d = 0.0;
+            for (int64_t c = 0; c < C; ++c) d += part[n * C + c];
+            k[n] = scale_term(gs[n], d, s[n], G);
+        }
+#pragma omp parallel for schedule(static)
+        for (int64_t it = 0; it < items; ++it) {
+            const int64_t n = it / C, lo = (it % C) * CHUNK, hi = lo + CHUNK < G ? lo + CHUNK : G;
+            const float inv = 1.f / s[n], kn = k[n], *xb = x + n * G;
+            float *pb = gp + n * G;
+            for (int64_t i = lo; i < hi; ++i) pb[i] = pb[i] * inv + kn * xb[i];
+        }
+        free(k);
+        free(part);
+    }
+    return total;
+}
+
 double edl_first_grad(float *gp, const float *x, const float *s, const float *gu, const float *gs,
                       int64_t N, int64_t G, float w, float e, int has_rw) {
     if (!s || !whole_samples(N, G)) return edl_first_grad_chunks(gp, x, s, gu, gs, N, G, w, e, has_rw);
@@ -286,8 +279,7 @@ double edl_first_grad(float *gp, const float *x, const float *s, const float *gu
         float *pb = gp + n * G, d;
         const float inv = 1.f / s[n];
         total += first_grad_pass1(pb, xb, ub, 0, G, inv, w, e, has_rw, &d);
-        const double sn = s[n];
-        const float kn = (float)(((double)gs[n] - (double)d / (sn * sn)) / ((double)G * sn));
+        const float kn = scale_term(gs[n], d, s[n], G);
 #pragma omp simd
         for (int64_t i = 0; i < G; ++i) pb[i] = pb[i] * inv + kn * xb[i];
     }
