@@ -291,7 +291,7 @@ class _FusedSolve(torch.autograd.Function):
                 gz, gws = layer._synthesize_backward(gp, z, D, x, need_dict)
                 if need_dict:
                     g_syn.append(gws.contiguous())
-                gu = gp if gu is None else gu.add_(gp)  # r_t = u - A*(z_t): u collects every step's
+                gu = gp if gu is None else gu.add_(gp)  # r_t = u - A*(z_t): u's gradient sums them all
                 gz = gz.contiguous()
                 lib.edl_mask_sub(gz.data_ptr(), gv.data_ptr(), z.data_ptr(), gz.numel(), ctx.m)
                 gv = gz
