@@ -18,12 +18,43 @@
 #define CHUNK 32768 /* values per work item: big enough to amortise scheduling, small enough to split a sample */
 
 static inline float clampf(float r, float e) { return r < -e ? -e : (r > e ? e : r); }
+/* The reweighting f(r), its derivative applied to a gradient g, and df/dw = r - clamp(r). */
+static inline float reweight(float r, float w, float e) { return w * r + (1.f - w) * clampf(r, e); }
+static inline float reweight_back(float r, float g, float w, float e) { return (r > -e && r < e) ? g : w * g; }
+static inline float reweight_dw(float r, float e) { return r - clampf(r, e); }
 
 /* Reductions carry `omp simd reduction` so that gcc may reorder the sums and vectorise them
    (without -ffast-math it keeps float additions in order, one lane at a time). Work items are
    (block, chunk) pairs, so that a few large samples and many small rows both spread over the
    threads. */
 static inline int64_t chunks_per_block(int64_t G) { return (G + CHUNK - 1) / CHUNK; }
+
+/* Block n's total of the per-chunk partial sums part[n * C + c], in double. */
+static inline double block_sum(const double *part, int64_t n, int64_t C) {
+    double a = 0.0;
+    for (int64_t c = 0; c < C; ++c) a += part[n * C + c];
+    return a;
+}
+
+/* Sum of squares of xb[lo..hi). */
+static inline float sum_sq(const float *xb, int64_t lo, int64_t hi) {
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = lo; i < hi; ++i) acc += xb[i] * xb[i];
+    return acc;
+}
+
+/* The floored RMS from a sum of squares over G values (the eager path's _floored_rms). */
+static inline float floored_rms(double sumsq, int64_t G) { return (float)sqrt(sumsq / (double)G + 1e-10); }
+
+/* First step's map over xb[lo..hi): p = f(x / s), or x / s when has_rw == 0 (inv = 1 / s). */
+static inline void first_map(const float *xb, float *pb, int64_t lo, int64_t hi, float inv, float w, float e, int has_rw) {
+    if (has_rw) {
+        for (int64_t i = lo; i < hi; ++i) pb[i] = reweight(xb[i] * inv, w, e);
+    } else {
+        for (int64_t i = lo; i < hi; ++i) pb[i] = xb[i] * inv;
+    }
+}
 
 /* A per-sample reduction followed by a map over the same sample costs one trip to memory instead
    of two when each thread takes whole samples that stay in its L2 cache between the two loops. */
@@ -37,17 +68,9 @@ static void edl_rms(const float *x, int64_t N, int64_t G, float *s) {
 #pragma omp parallel for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
         const int64_t n = it / C, lo = (it % C) * CHUNK, hi = lo + CHUNK < G ? lo + CHUNK : G;
-        const float *p = x + n * G;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t i = lo; i < hi; ++i) acc += p[i] * p[i];
-        part[it] = acc;
+        part[it] = sum_sq(x + n * G, lo, hi);
     }
-    for (int64_t n = 0; n < N; ++n) {
-        double a = 0.0;
-        for (int64_t c = 0; c < C; ++c) a += part[n * C + c];
-        s[n] = (float)sqrt(a / (double)G + 1e-10);
-    }
+    for (int64_t n = 0; n < N; ++n) s[n] = floored_rms(block_sum(part, n, C), G);
     free(part);
 }
 
@@ -57,13 +80,7 @@ static void edl_first_chunks(const float *x, const float *s, int64_t N, int64_t 
 #pragma omp parallel for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
         const int64_t n = it / C, lo = (it % C) * CHUNK, hi = lo + CHUNK < G ? lo + CHUNK : G;
-        const float inv = s ? 1.f / s[n] : 1.f, *xb = x + n * G;
-        float *pb = p + n * G;
-        if (has_rw) {
-            for (int64_t i = lo; i < hi; ++i) { const float r = xb[i] * inv; pb[i] = w * r + (1.f - w) * clampf(r, e); }
-        } else {
-            for (int64_t i = lo; i < hi; ++i) pb[i] = xb[i] * inv;
-        }
+        first_map(x + n * G, p + n * G, lo, hi, s ? 1.f / s[n] : 1.f, w, e, has_rw);
     }
 }
 
@@ -78,16 +95,8 @@ void edl_first(const float *x, int64_t N, int64_t G, float w, float e, int has_r
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
         const float *xb = x + n * G;
-        float *pb = p + n * G, acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t i = 0; i < G; ++i) acc += xb[i] * xb[i];
-        const float sn = (float)sqrt((double)acc / (double)G + 1e-10), inv = 1.f / sn;
-        s[n] = sn;
-        if (has_rw) {
-            for (int64_t i = 0; i < G; ++i) { const float r = xb[i] * inv; pb[i] = w * r + (1.f - w) * clampf(r, e); }
-        } else {
-            for (int64_t i = 0; i < G; ++i) pb[i] = xb[i] * inv;
-        }
+        s[n] = floored_rms(sum_sq(xb, 0, G), G);
+        first_map(xb, p + n * G, 0, G, 1.f / s[n], w, e, has_rw);
     }
 }
 
@@ -104,7 +113,7 @@ void edl_residual(float *q, const float *x, const float *s, int64_t N, int64_t G
         if (has_rw) {
             for (int64_t i = lo; i < hi; ++i) {
                 const float r = xb[i] * inv - qb[i];
-                qb[i] = w * r + (1.f - w) * clampf(r, e);
+                qb[i] = reweight(r, w, e);
             }
         } else {
             for (int64_t i = lo; i < hi; ++i) qb[i] = xb[i] * inv - qb[i];
@@ -167,9 +176,7 @@ void edl_out_grad(const float *g, const float *out, const float *s, int64_t N, i
     }
     if (part) {
         for (int64_t n = 0; n < N; ++n) {
-            double a = 0.0;
-            for (int64_t c = 0; c < C; ++c) a += part[n * C + c];
-            gs[n] = (float)(a / (double)s[n]);
+            gs[n] = (float)(block_sum(part, n, C) / (double)s[n]);
         }
         free(part);
     }
@@ -188,8 +195,8 @@ double edl_reweight_grad(float *gp, const float *p, int64_t n, float w, float e)
 #pragma omp simd reduction(+ : acc)
         for (int64_t i = lo; i < hi; ++i) {
             const float pi = p[i], gi = gp[i];
-            acc += gi * (pi - clampf(pi, e));
-            gp[i] = (pi > -e && pi < e) ? gi : w * gi;
+            acc += gi * reweight_dw(pi, e);
+            gp[i] = reweight_back(pi, gi, w, e);
         }
         total += acc;
     }
@@ -214,8 +221,8 @@ static inline float first_grad_pass1(float *pb, const float *xb, const float *ub
         const float xi = xb[i], r = xi * inv, gi = pb[i];
         float gr = gi;
         if (has_rw) {
-            acc_w += gi * (r - clampf(r, e));
-            gr = (r > -e && r < e) ? gi : w * gi;
+            acc_w += gi * reweight_dw(r, e);
+            gr = reweight_back(r, gi, w, e);
         }
         if (ub) gr += ub[i];
         d += gr * xi;
@@ -252,9 +259,7 @@ static double edl_first_grad_chunks(float *gp, const float *x, const float *s, c
     if (part) {
         float *k = (float *)malloc(sizeof(float) * (size_t)N);
         for (int64_t n = 0; n < N; ++n) {
-            double d = 0.0;
-            for (int64_t c = 0; c < C; ++c) d += part[n * C + c];
-            k[n] = scale_term(gs[n], d, s[n], G);
+            k[n] = scale_term(gs[n], block_sum(part, n, C), s[n], G);
         }
 #pragma omp parallel for schedule(static)
         for (int64_t it = 0; it < items; ++it) {

@@ -500,7 +500,7 @@ class EDLConv2d(_EDLMixin, nn.Conv2d):
     def _input_scale(self, x: torch.Tensor) -> torch.Tensor:
         """Per-sample RMS of the input, (N, 1, 1, 1)."""
         norm = torch.linalg.vector_norm(x, dim=(1, 2, 3), keepdim=True)
-        return _floored_rms(norm, x.shape[1] * x.shape[2] * x.shape[3])
+        return _floored_rms(norm, self._block_size(x))
 
     def _power_shape(self, x: Optional[torch.Tensor]) -> List[int]:
         if x is not None:
@@ -533,8 +533,9 @@ class EDLConv2d(_EDLMixin, nn.Conv2d):
     def _bias_view(self, bias: torch.Tensor) -> torch.Tensor:
         return bias.view(1, -1, 1, 1)
 
-    # for the fused path (_fused.py): a block is one sample; the bias over one block of the output;
-    # gradients of the bias and of the two operators
+    # A block is what the input scale is taken over (one sample), in both solvers. For the fused
+    # path (_fused.py): the bias laid out over one block of the output; gradients of the bias and
+    # of the two operators.
     def _block_size(self, x: torch.Tensor) -> int:
         return x.shape[1] * x.shape[2] * x.shape[3]
 
@@ -612,7 +613,7 @@ class EDLLinear(_EDLMixin, nn.Linear):
 
     def _input_scale(self, x: torch.Tensor) -> torch.Tensor:
         """RMS over the features of each input vector, (*, 1)."""
-        return _floored_rms(torch.linalg.vector_norm(x, dim=-1, keepdim=True), x.shape[-1])
+        return _floored_rms(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self._block_size(x))
 
     def _power_shape(self, x: Optional[torch.Tensor]) -> List[int]:
         return [self.in_features]
