@@ -85,6 +85,18 @@ def test_fused_matches_eager_float64(case, mode, steps, normalize_input):
     assert (codes > 0).any() and (codes.abs() < 1e-6).any(), "codes must be sparse and not all zero"
 
 
+@pytest.mark.parametrize("kind", ["conv", "linear_3d"])
+def test_fused_matches_eager_on_inputs_near_the_scale_floor(kind):
+    """Inputs with an RMS of 1e-5, the floor both solvers add in quadrature: the floors must agree."""
+    factory, shape = CASES[kind]
+    torch.manual_seed(5)
+    layer = factory(num_iters=2).eval()
+    x = torch.randn(shape) * 1e-5
+    g = torch.randn_like(layer(x))
+    ref = grads(copy.deepcopy(layer).double(), x.double(), g.double(), fused=False)
+    assert_close(grads(layer, x, g, fused=True), ref, grads(layer, x, g, fused=False))
+
+
 @pytest.mark.parametrize("normalize_atoms", [True, False])
 def test_fused_with_bias_and_raw_atoms(normalize_atoms):
     torch.manual_seed(1)
