@@ -10,13 +10,13 @@ for backward over the convolution's. One table with glibc's default malloc, one 
     python benchmarks/layer_speed.py [--repeats 9] [--batch 64] [--no-normalize-input] [--allocator both]
 """
 import argparse
-import time
 
 import torch
 import torch.nn as nn
 
 import _allocator  # benchmarks/, first on sys.path when run as a script
 from _memory import saved_bytes
+from _timing import fastest_times
 from edl_timm import EDLConv2d
 from edl_timm.layers import _fused
 
@@ -27,20 +27,6 @@ SHAPES = [  # (C_in, C_out, H, stride)
     (512, 512, 4, 1),
     (64, 128, 32, 2),
 ]
-
-
-def fastest_times(runs, repeats):
-    """Fastest time of each zero-argument callable, run in turn. This VM's speed drifts by 25%
-    and noise only ever adds time, so the minimum is the steadiest estimate of each."""
-    for run in runs:
-        run()  # warm-up (sizes the power iteration, builds the kernels, primes the allocator)
-    times = [[] for _ in runs]
-    for _ in range(repeats):
-        for run, ts in zip(runs, times):
-            t0 = time.perf_counter()
-            run()
-            ts.append(time.perf_counter() - t0)
-    return [min(ts) for ts in times]
 
 
 def fwd_bwd(layer, x, eager=False):

@@ -8,27 +8,15 @@ Evaluation: PGD-20 (L-inf 8/255), batched. Training: one optimizer step of each 
 Each figure is the fastest of --repeats timed runs after one warm-up; ratios are EDL / plain.
 """
 import argparse
-import time
 
 import timm
 import torch
 
 import edl_timm  # noqa: F401  (registers the models)
+from _timing import fastest_times  # benchmarks/, first on sys.path when run as a script
 from edl_timm.attacks import Normalized, pgd
 from edl_timm.cpu import keep_freed_memory
 from edl_timm.training import TrainConfig, _loss
-
-
-def timed(fn, repeats):
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main():
@@ -72,9 +60,9 @@ def main():
                 opt.step()
             return run
 
-        rows[label] = {"PGD-20 eval": args.batch_size / timed(attack, args.repeats)}
+        rows[label] = {"PGD-20 eval": args.batch_size / fastest_times([attack], args.repeats)[0]}
         for adv in ("none", "fgsm", "pgd"):
-            rows[label][f"train --adv {adv}"] = args.batch_size / timed(step(adv), args.repeats)
+            rows[label][f"train --adv {adv}"] = args.batch_size / fastest_times([step(adv)], args.repeats)[0]
     print(f"{args.model} on {args.device}, batch {args.batch_size}{', bf16' if args.bf16 else ''}"
           f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}"
           f"{', keep_freed_memory()' if kept else ''}")
