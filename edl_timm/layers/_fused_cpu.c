@@ -212,9 +212,13 @@ void edl_mask_sub(float *gz, const float *gv, const float *z, int64_t n, float m
     for (int64_t i = 0; i < n; ++i) gz[i] = z[i] > 0.f ? gv[i] - m * gz[i] : 0.f;
 }
 
-/* Pass 1 over values lo..hi of one sample; returns the lerp weight's share, *acc_d the dot. */
-static inline float first_grad_pass1(float *pb, const float *xb, const float *ub, int64_t lo, int64_t hi, float inv,
-                                    float w, float e, int has_rw, float *acc_d) {
+/* Pass 1 over values lo..hi of one sample; returns the lerp weight's share, *acc_d the dot.
+   has_rw and has_u are constants after inlining: gcc does not vectorise a loop that tests them
+   (a conditional load of ub is control flow it cannot if-convert), and the scalar loop with its
+   data-dependent branches ran 6x slower than a copy (11 ms for a 64x64x32x32 input). */
+static inline __attribute__((always_inline)) float pass1_loop(float *pb, const float *xb, const float *ub, int64_t lo,
+                                                              int64_t hi, float inv, float w, float e, const int has_rw,
+                                                              const int has_u, float *acc_d) {
     float acc_w = 0.f, d = 0.f;
 #pragma omp simd reduction(+ : acc_w, d)
     for (int64_t i = lo; i < hi; ++i) {
@@ -224,12 +228,22 @@ static inline float first_grad_pass1(float *pb, const float *xb, const float *ub
             acc_w += gi * reweight_dw(r, e);
             gr = reweight_back(r, gi, w, e);
         }
-        if (ub) gr += ub[i];
+        if (has_u) gr += ub[i];
         d += gr * xi;
         pb[i] = gr;
     }
     *acc_d = d;
     return acc_w;
+}
+
+static inline float first_grad_pass1(float *pb, const float *xb, const float *ub, int64_t lo, int64_t hi, float inv,
+                                    float w, float e, int has_rw, float *acc_d) {
+    if (has_rw) {
+        return ub ? pass1_loop(pb, xb, ub, lo, hi, inv, w, e, 1, 1, acc_d)
+                  : pass1_loop(pb, xb, ub, lo, hi, inv, w, e, 1, 0, acc_d);
+    }
+    return ub ? pass1_loop(pb, xb, ub, lo, hi, inv, w, e, 0, 1, acc_d)
+              : pass1_loop(pb, xb, ub, lo, hi, inv, w, e, 0, 0, acc_d);
 }
 
 /* k[n] of pass 2, from the sample's dot d = sum(gut * x). */

@@ -1,0 +1,97 @@
+"""Each fused CPU kernel (edl_timm/layers/_fused_cpu.c) against a memory copy, side by side.
+
+Every kernel is one pass over a few activation-sized arrays, so it should run about as fast as
+copying: time per array touched over a copy's time per array (a copy touches two) should be near
+1, whatever the machine. A ratio well above 1 means the compiler left a loop scalar (a branch in
+the loop body stops gcc's vectoriser), which costs several times a pass: edl_first_grad at T=1 read
+6.8 here before its loop was split by case. In-place kernels run on an operand a copy has just
+written, so they read it from cache and come out below 1; the table is a guard against slow
+loops, not a model of a training step.
+
+Layouts: whole conv samples (one thread per sample, the sample kept in L2 between a reduction and
+its map), one large sample split into chunks, and the rows of a linear layer.
+
+    python benchmarks/kernel_speed.py [--repeats 15]
+"""
+import argparse
+
+import torch
+
+from _timing import fastest_times
+from edl_timm.cpu import keep_freed_memory
+from edl_timm.layers import _fused
+
+W, EPS, M, THR = 0.3, 0.1, 0.5, 0.01
+
+LAYOUTS = [  # (name, N blocks, G values per block)
+    ("conv 64x(64x32x32)", 64, 64 * 32 * 32),
+    ("conv 2x(64x128x128)", 2, 64 * 128 * 128),
+    ("linear 6304x384", 6304, 384),
+]
+
+
+def kernels(lib, N, G):
+    """(name, arrays touched, fn) per kernel; fn(t) runs it on the tensors in t. In-place kernels
+    get a fresh copy of their operand first (their output would drift towards zero or overflow if
+    fed back), and that copy is timed on its own and subtracted."""
+    n = N * G
+    x = torch.randn(n)
+    t = {k: torch.randn(n) for k in ("g", "gp", "gu", "q")}
+    t["x"], t["p"] = x, torch.empty(n)
+    t["z"] = torch.relu(torch.randn(n))
+    t["out"] = torch.relu(torch.randn(n))
+    t["s"], t["gs"] = torch.empty(N), torch.randn(N)
+    lib.edl_first(x.data_ptr(), N, G, W, EPS, 1, t["s"].data_ptr(), t["p"].data_ptr())
+    work, gv = torch.empty(n), torch.empty(n)
+    ptr = {k: v.data_ptr() for k, v in t.items()}
+    w_ = work.data_ptr()
+    return [
+        ("edl_first", 2, None, lambda: lib.edl_first(ptr["x"], N, G, W, EPS, 1, ptr["s"], ptr["p"])),
+        ("edl_residual", 3, ("q", work), lambda: lib.edl_residual(w_, ptr["x"], ptr["s"], N, G, W, EPS, 1)),
+        ("edl_code", 3, ("g", work), lambda: lib.edl_code(w_, ptr["z"], ptr["s"], N, G, M, THR, None)),
+        ("edl_out_grad", 3, None,
+         lambda: lib.edl_out_grad(ptr["g"], ptr["out"], ptr["s"], N, G, M, None, gv.data_ptr(), ptr["gs"])),
+        ("edl_reweight_grad", 3, ("gp", work), lambda: lib.edl_reweight_grad(w_, ptr["p"], n, W, EPS)),
+        ("edl_mask_sub", 4, ("gp", work), lambda: lib.edl_mask_sub(w_, ptr["g"], ptr["z"], n, M)),
+        ("edl_first_grad", 4, ("gp", work),
+         lambda: lib.edl_first_grad(w_, ptr["x"], ptr["s"], ptr["gu"], ptr["gs"], N, G, W, EPS, 1)),
+        ("edl_first_grad T=1", 3, ("gp", work),
+         lambda: lib.edl_first_grad(w_, ptr["x"], ptr["s"], None, ptr["gs"], N, G, W, EPS, 1)),
+    ], t
+
+
+def table(repeats):
+    lib = _fused.library()
+    if lib is None:
+        raise SystemExit("the fused kernels could not be built here (see the warning above)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fastest of {repeats}")
+    print(f"{'layout':>20} {'kernel':>20} {'arrays':>6} {'ms':>7} {'per array / copy':>16}")
+    for name, N, G in LAYOUTS:
+        rows, t = kernels(lib, N, G)
+        src, dst = t["x"], torch.empty_like(t["x"])
+        copy = lambda: dst.copy_(src)  # noqa: E731
+        runs = [copy]
+        for _, _, fresh, fn in rows:
+            if fresh is None:
+                runs.append(fn)
+            else:
+                key, work = fresh
+                runs.append(lambda fn=fn, a=t[key], b=work: (b.copy_(a), fn()))
+        times = fastest_times(runs, repeats)
+        t_copy = times[0]
+        for (kname, arrays, fresh, _), tk in zip(rows, times[1:]):
+            tk = tk - t_copy if fresh is not None else tk
+            print(f"{name:>20} {kname:>20} {arrays:>6} {1e3 * tk:7.2f} {tk / arrays / (t_copy / 2):16.2f}", flush=True)
+        print(f"{name:>20} {'copy':>20} {2:>6} {1e3 * t_copy:7.2f} {1.0:16.2f}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=15)
+    args = ap.parse_args()
+    keep_freed_memory()  # the same allocator setting for every row: no page faults in any of them
+    table(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
