@@ -4,12 +4,14 @@ Every kernel is one pass over a few activation-sized arrays, so it should run ab
 copying: time per array touched over a copy's time per array (a copy touches two) should be near
 1, whatever the machine. A ratio well above 1 means the compiler left a loop scalar (a branch in
 the loop body stops gcc's vectoriser), which costs several times a pass: edl_first_grad at T=1 read
-6.8 here before its loop was split by case. In-place kernels run on an operand a copy has just
+6.8 here before its loop was split by case, edl_dict 3.8 before its sum of squares was vectorised. In-place kernels run on an operand a copy has just
 written, so they read it from cache and come out below 1; the table is a guard against slow
 loops, not a model of a training step.
 
 Layouts: whole conv samples (one thread per sample, the sample kept in L2 between a reduction and
-its map), one large sample split into chunks, and the rows of a linear layer.
+its map), one large sample split into chunks, and the rows of a linear layer; then the two
+weight-sized kernels (atom normalisation and its gradient, which also sums the T=2 layer's three
+weight gradients) on the ResNet-18 stage weights.
 
     python benchmarks/kernel_speed.py [--repeats 15]
 """
@@ -22,6 +24,7 @@ from edl_timm.cpu import keep_freed_memory
 from edl_timm.layers import _fused
 
 W, EPS, M, THR = 0.3, 0.1, 0.5, 0.01
+WEIGHTS = [(64, 64 * 9), (512, 512 * 9)]  # (atoms O, values per atom K)
 
 LAYOUTS = [  # (name, N blocks, G values per block)
     ("conv 64x(64x32x32)", 64, 64 * 32 * 32),
@@ -60,14 +63,28 @@ def kernels(lib, N, G):
     ], t
 
 
+def dict_kernels(lib, O, K):
+    w, d, g_w = torch.randn(O, K), torch.empty(O, K), torch.empty(O, K)
+    inv = torch.empty(O)
+    grads = [torch.randn(O, K) for _ in range(3)]
+    lib.edl_dict(w.data_ptr(), O, K, 1, d.data_ptr(), inv.data_ptr())
+    an, syn = _fused._ptrs(grads[:2]), _fused._ptrs(grads[2:])
+    return [
+        ("edl_dict", 2, None, lambda: lib.edl_dict(w.data_ptr(), O, K, 1, d.data_ptr(), inv.data_ptr())),
+        ("edl_dict_grad", 5, None,
+         lambda: lib.edl_dict_grad(d.data_ptr(), inv.data_ptr(), O, K, M, 1, an, 2, syn, 1, g_w.data_ptr())),
+    ], {"x": w}
+
+
 def table(repeats):
     lib = _fused.library()
     if lib is None:
         raise SystemExit("the fused kernels could not be built here (see the warning above)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fastest of {repeats}")
     print(f"{'layout':>20} {'kernel':>20} {'arrays':>6} {'ms':>7} {'per array / copy':>16}")
-    for name, N, G in LAYOUTS:
-        rows, t = kernels(lib, N, G)
+    cases = [(name, kernels(lib, N, G)) for name, N, G in LAYOUTS]
+    cases += [(f"weight {O}x{K}", dict_kernels(lib, O, K)) for O, K in WEIGHTS]
+    for name, (rows, t) in cases:
         src, dst = t["x"], torch.empty_like(t["x"])
         copy = lambda: dst.copy_(src)  # noqa: E731
         runs = [copy]

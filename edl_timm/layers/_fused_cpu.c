@@ -314,7 +314,8 @@ void edl_dict(const float *W, int64_t O, int64_t K, int normalize, float *D, flo
         const float *wr = W + o * K;
         float a = 1.f;
         if (normalize) {
-            double ss = 0.0;
+            double ss = 0.0; /* omp simd: without it gcc adds one value at a time (2.6 ms for 512x512x3x3) */
+#pragma omp simd reduction(+ : ss)
             for (int64_t k = 0; k < K; ++k) ss += (double)wr[k] * wr[k];
             const double nrm = sqrt(ss);
             a = (float)(1.0 / (nrm > 1e-12 ? nrm : 1e-12));
