@@ -3,10 +3,11 @@
 Every kernel is one pass over a few activation-sized arrays, so it should run about as fast as
 copying: time per array touched over a copy's time per array (a copy touches two) should be near
 1, whatever the machine. A ratio well above 1 means the compiler left a loop scalar (a branch in
-the loop body stops gcc's vectoriser), which costs several times a pass: edl_first_grad at T=1 read
-6.8 here before its loop was split by case, edl_dict 3.8 before its sum of squares was vectorised. In-place kernels run on an operand a copy has just
-written, so they read it from cache and come out below 1; the table is a guard against slow
-loops, not a model of a training step.
+the loop body stops gcc's vectoriser), which costs several times a pass: edl_first_grad at T=1
+read 6.8 here before its loop was split by case, and edl_dict 3.8 before its sum of squares was
+vectorised. In-place kernels run on an operand a copy has just written, so they read it from
+cache and come out below 1; the table is a guard against slow loops, not a model of a training
+step.
 
 Layouts: whole conv samples (one thread per sample, the sample kept in L2 between a reduction and
 its map), one large sample split into chunks, and the rows of a linear layer; then the two
