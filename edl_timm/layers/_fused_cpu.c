@@ -186,7 +186,7 @@ void edl_out_grad(const float *g, const float *out, const float *s, int64_t N, i
    sum(gp * (r - clamp(r))) = sum(gp * (p - clamp(p))) / w (outside the clamp, p - sign(p) e =
    w (r - sign(r) e)); 0 when w = 0, where f is a plain clamp and w is not learned. */
 double edl_reweight_grad(float *gp, const float *p, int64_t n, float w, float e) {
-    const int64_t items = (n + CHUNK - 1) / CHUNK;
+    const int64_t items = chunks_per_block(n); /* one block of n values */
     double total = 0.0;
 #pragma omp parallel for schedule(static) reduction(+ : total)
     for (int64_t it = 0; it < items; ++it) {
