@@ -35,9 +35,10 @@ LAYOUTS = [  # (name, N blocks, G values per block)
 
 
 def kernels(lib, N, G):
-    """(name, arrays touched, fn) per kernel; fn(t) runs it on the tensors in t. In-place kernels
-    get a fresh copy of their operand first (their output would drift towards zero or overflow if
-    fed back), and that copy is timed on its own and subtracted."""
+    """([(name, arrays touched, fresh, fn)] per kernel, tensors by name); fn() runs the kernel. An
+    in-place kernel has fresh = (name of its operand, work buffer): the operand is copied into the
+    buffer before each run (its output would drift towards zero or overflow if fed back), and the
+    copy's own time is subtracted."""
     n = N * G
     x = torch.randn(n)
     t = {k: torch.randn(n) for k in ("g", "gp", "gu", "q")}

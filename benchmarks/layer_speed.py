@@ -77,6 +77,7 @@ def table(args):
             print(f"{name:>22} {T:>2} {1e3 * mc:8.1f} {1e3 * me:8.1f} {me / mc:6.2f} {floor:5d} {me / mc / floor:11.3f} "
                   f"{1e3 * mg:8.1f} {mg / mc / floor:11.3f} {mem:9.2f}", flush=True)
 
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=9)

@@ -20,10 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import _allocator  # benchmarks/, first on sys.path when run as a script
-import edl_timm
+import edl_timm  # noqa: F401  (registers the models)
 from _memory import saved_bytes
-from edl_timm import is_edl_layer
-from edl_timm.layers import _fused
+from edl_timm.layers import _fused, edl_layers
 
 
 def macs_by_layer(model, x):
@@ -45,7 +44,7 @@ def macs_by_layer(model, x):
 def expected_ratio(name, x, num_iters):
     twin = timm.create_model(name, mode="none").eval()
     edl = timm.create_model(name)
-    edl_names = {n for n, m in edl.named_modules() if is_edl_layer(m)}
+    edl_names = {n for n, _ in edl_layers(edl)}
     macs = macs_by_layer(twin, x)
     f_edl = sum(v for k, v in macs.items() if k in edl_names)
     f_rest = sum(v for k, v in macs.items() if k not in edl_names)
@@ -85,7 +84,7 @@ def table(args):
         cfg = edl.pretrained_cfg
         x = torch.randn(args.batch, *cfg["input_size"])
         y = torch.randint(0, cfg["num_classes"], (args.batch,))
-        num_iters = next(m.num_iters for m in edl.modules() if is_edl_layer(m))
+        num_iters = next(m.num_iters for _, m in edl_layers(edl))
         expect = expected_ratio(name, x[:1], num_iters)
         t_twin, t_edl = step_times([twin, edl], x, y, args.repeats)
         mem = step_bytes(edl, x, y) / step_bytes(twin, x, y)
