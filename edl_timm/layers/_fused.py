@@ -13,8 +13,8 @@ into ``$EDL_TIMM_CACHE`` (default ``~/.cache/edl_timm``) and loaded with ctypes;
 headers, so the build takes about a second. Where no compiler is found the layers run the eager
 path, after one warning. ``EDL_TIMM_FUSED=0`` turns the fused path off.
 
-Used for float32 CPU tensors in the default memory format, non-negative codes, without BPDA, and
-outside TorchScript, fx tracing, torch.compile and autocast; everything else runs the eager solver,
+Used for float32 CPU tensors in NCHW or channels_last (NHWC) layout, non-negative codes, without
+BPDA, and outside TorchScript, fx tracing, torch.compile and autocast; everything else runs the eager solver,
 which is the reference the tests compare this path against.
 """
 import ctypes
@@ -160,11 +160,23 @@ def usable(layer, x: torch.Tensor) -> bool:
         and layer.nonneg
         and not layer.bpda
         and x.numel() > 0
-        and x.is_contiguous()
+        and _layout(x) is not None
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and library() is not None
     )
+
+
+def _layout(x: torch.Tensor) -> Optional[torch.memory_format]:
+    """The memory format the kernels can run ``x`` in, or None. The kernels see a sample as a flat
+    block, so NCHW and NHWC (channels_last) serve alike: only the bias's layout over a block differs.
+    NHWC also spares oneDNN the reorders to and from its blocked layout that it runs around every
+    NCHW convolution."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return None
 
 
 def _ptr(t: Optional[torch.Tensor]):
@@ -233,22 +245,23 @@ class _FusedSolve(torch.autograd.Function):
         else:
             p = x
         ps, zs = [p], []
-        v = layer._analyze(p, D, None).contiguous()
+        fmt = _layout(x)
+        v = layer._analyze(p, D, None).contiguous(memory_format=fmt)
         Gc = v.numel() // N
-        bias_block = None if bias is None else layer._bias_block(bias.detach(), v).contiguous()
+        bias_block = None if bias is None else layer._bias_block(bias.detach(), v, fmt).contiguous()
         z = None
         for _ in range(1, steps):
             lib.edl_code(v.data_ptr(), _ptr(z), None, N, Gc, mf, thr, None)
             z = v
-            q = layer._synthesize(z, D, x).contiguous()
+            q = layer._synthesize(z, D, x).contiguous(memory_format=fmt)
             lib.edl_residual(q.data_ptr(), x.data_ptr(), _ptr(s), N, G, w, eps, int(has_rw))
             zs.append(z)
             ps.append(q)
-            v = layer._analyze(q, D, None).contiguous()
+            v = layer._analyze(q, D, None).contiguous(memory_format=fmt)
         lib.edl_code(v.data_ptr(), _ptr(z), _ptr(s), N, Gc, mf, thr, _ptr(bias_block))
         ctx.layer, ctx.steps, ctx.N, ctx.G, ctx.Gc, ctx.O, ctx.K = layer, steps, N, G, Gc, O, K
         ctx.w, ctx.eps, ctx.m, ctx.has_rw, ctx.has_s = w, eps, mf, has_rw, normalize
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.fmt = bias is not None, fmt
         tensor_inputs = [isinstance(a, torch.Tensor) for a in (x, weight, m, lerp_w, bias)]
         ctx.edges = {i: sum(tensor_inputs[:i]) for i, is_tensor in enumerate(tensor_inputs) if is_tensor}
         ctx.save_for_backward(x, v, D, inv, *([s] if normalize else []), *([bias_block] if ctx.has_bias else []), *ps, *zs)
@@ -269,7 +282,8 @@ class _FusedSolve(torch.autograd.Function):
         need_lerp = has_rw and _wanted(ctx, 3)
         need_dict = _wanted(ctx, 1) or _wanted(ctx, 2)  # the weight, or m (through beta)
 
-        g = grad.contiguous()
+        fmt = ctx.fmt
+        g = grad.contiguous(memory_format=fmt)
         gv = torch.empty_like(out)
         gs = torch.empty(N, dtype=torch.float32) if s is not None else None
         # gv carries the factor m from here on: it is the gradient of the analysis output A(p_t)
@@ -285,18 +299,18 @@ class _FusedSolve(torch.autograd.Function):
                 g_an.append(gwa.contiguous())
             if t > 0:
                 z = zs[t - 1]
-                gp = gp.contiguous()
+                gp = gp.contiguous(memory_format=fmt)
                 if has_rw:  # gp becomes the residual's gradient
                     g_w += lib.edl_reweight_grad(gp.data_ptr(), ps[t].data_ptr(), gp.numel(), w, eps)
                 gz, gws = layer._synthesize_backward(gp, z, D, x, need_dict)
                 if need_dict:
                     g_syn.append(gws.contiguous())
                 gu = gp if gu is None else gu.add_(gp)  # r_t = u - A*(z_t): u's gradient sums them all
-                gz = gz.contiguous()
+                gz = gz.contiguous(memory_format=fmt)
                 lib.edl_mask_sub(gz.data_ptr(), gv.data_ptr(), z.data_ptr(), gz.numel(), ctx.m)
                 gv = gz
             elif need_p:
-                gp = gp.contiguous()
+                gp = gp.contiguous(memory_format=fmt)
                 if has_rw or s is not None or gu is not None:
                     g_w += lib.edl_first_grad(
                         gp.data_ptr(), x.data_ptr(), _ptr(s), _ptr(gu), _ptr(gs), N, G, w, eps, int(has_rw)

@@ -539,8 +539,9 @@ class EDLConv2d(_EDLMixin, nn.Conv2d):
     def _block_size(self, x: torch.Tensor) -> int:
         return x.shape[1] * x.shape[2] * x.shape[3]
 
-    def _bias_block(self, bias: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return bias.repeat_interleave(out.shape[2] * out.shape[3])
+    def _bias_block(self, bias: torch.Tensor, out: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+        hw = out.shape[2] * out.shape[3]
+        return bias.repeat(hw) if fmt == torch.channels_last else bias.repeat_interleave(hw)
 
     def _bias_grad(self, g: torch.Tensor) -> torch.Tensor:
         return g.sum((0, 2, 3))
@@ -634,7 +635,7 @@ class EDLLinear(_EDLMixin, nn.Linear):
     def _block_size(self, x: torch.Tensor) -> int:
         return x.shape[-1]
 
-    def _bias_block(self, bias: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _bias_block(self, bias: torch.Tensor, out: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
         return bias
 
     def _bias_grad(self, g: torch.Tensor) -> torch.Tensor:
