@@ -229,7 +229,10 @@ class _FusedSolve(torch.autograd.Function):
         has_rw = lerp_w is not None
         w = float(lerp_w) if has_rw else 1.0
         mf = float(m)
-        weight = weight.contiguous()
+        # D and the weight gradients share the weight's layout: edl_dict and edl_dict_grad read
+        # them as O rows, and a row (one atom) is contiguous in NCHW and NHWC alike
+        wfmt = _layout(weight) or torch.contiguous_format
+        weight = weight.contiguous(memory_format=wfmt)
         O, K = weight.shape[0], weight.numel() // weight.shape[0]
         D = torch.empty_like(weight)
         inv = torch.empty(O, dtype=torch.float32)
@@ -261,7 +264,7 @@ class _FusedSolve(torch.autograd.Function):
         lib.edl_code(v.data_ptr(), _ptr(z), _ptr(s), N, Gc, mf, thr, _ptr(bias_block))
         ctx.layer, ctx.steps, ctx.N, ctx.G, ctx.Gc, ctx.O, ctx.K = layer, steps, N, G, Gc, O, K
         ctx.w, ctx.eps, ctx.m, ctx.has_rw, ctx.has_s = w, eps, mf, has_rw, normalize
-        ctx.has_bias, ctx.fmt = bias is not None, fmt
+        ctx.has_bias, ctx.fmt, ctx.wfmt = bias is not None, fmt, wfmt
         tensor_inputs = [isinstance(a, torch.Tensor) for a in (x, weight, m, lerp_w, bias)]
         ctx.edges = {i: sum(tensor_inputs[:i]) for i, is_tensor in enumerate(tensor_inputs) if is_tensor}
         ctx.save_for_backward(x, v, D, inv, *([s] if normalize else []), *([bias_block] if ctx.has_bias else []), *ps, *zs)
@@ -296,7 +299,7 @@ class _FusedSolve(torch.autograd.Function):
             need_p = t > 0 or need_x or need_lerp
             gp, gwa = layer._analyze_backward(gv, ps[t], D, need_p, need_dict)
             if need_dict:
-                g_an.append(gwa.contiguous())
+                g_an.append(gwa.contiguous(memory_format=ctx.wfmt))
             if t > 0:
                 z = zs[t - 1]
                 gp = gp.contiguous(memory_format=fmt)
@@ -304,7 +307,7 @@ class _FusedSolve(torch.autograd.Function):
                     g_w += lib.edl_reweight_grad(gp.data_ptr(), ps[t].data_ptr(), gp.numel(), w, eps)
                 gz, gws = layer._synthesize_backward(gp, z, D, x, need_dict)
                 if need_dict:
-                    g_syn.append(gws.contiguous())
+                    g_syn.append(gws.contiguous(memory_format=ctx.wfmt))
                 gu = gp if gu is None else gu.add_(gp)  # r_t = u - A*(z_t): u's gradient sums them all
                 gz = gz.contiguous(memory_format=fmt)
                 lib.edl_mask_sub(gz.data_ptr(), gv.data_ptr(), z.data_ptr(), gz.numel(), ctx.m)
