@@ -7,7 +7,12 @@ for the fused CPU path (the default) and the eager PyTorch solver; and the memor
 for backward over the convolution's. One table with glibc's default malloc, one with page reuse
 (see _allocator.py), unless --allocator picks one.
 
-    python benchmarks/layer_speed.py [--repeats 9] [--batch 64] [--no-normalize-input] [--allocator both]
+With --channels-last, inputs and layers are NHWC, the layout in which oneDNN convolves without
+reordering to and from its blocked layout (the NCHW convolution's reorders are a fifth of its time
+at 64x32x32 here); both sides of each ratio use it.
+
+    python benchmarks/layer_speed.py [--repeats 9] [--batch 64] [--no-normalize-input] [--channels-last]
+                                     [--allocator both]
 """
 import argparse
 
@@ -31,6 +36,11 @@ SHAPES = [  # (C_in, C_out, H, stride)
 
 def fwd_bwd(layer, x, eager=False):
     def once():
+        # In training an optimizer step changes the weight between steps, and the EDL layer then
+        # refreshes its step size (one power iteration) in its next forward. A one-element
+        # in-place op stands for that step: it bumps the weight's version at no cost of its own.
+        with torch.no_grad():
+            layer.weight.detach()[(0,) * layer.weight.dim()].add_(0.0)
         layer.zero_grad(set_to_none=True)
         if eager:
             with _fused.eager():
@@ -52,15 +62,19 @@ def layer_bytes(layer, x):
 def table(args):
     torch.manual_seed(0)
     fused = _fused.library() is not None
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, fastest of {args.repeats}, "
-          f"normalize_input={not args.no_normalize_input}, fused kernels {'on' if fused else 'UNAVAILABLE'}")
+          f"normalize_input={not args.no_normalize_input}, {'NHWC' if args.channels_last else 'NCHW'}, "
+          f"fused kernels {'on' if fused else 'UNAVAILABLE'}")
     print(f"{'shape':>22} {'T':>2} {'conv ms':>8} {'EDL ms':>8} {'ratio':>6} {'floor':>5} {'ratio/floor':>11} "
           f"{'eager ms':>8} {'eager/floor':>11} {'mem ratio':>9}")
     for cin, cout, h, s in SHAPES:
-        x = torch.randn(args.batch, cin, h, h, requires_grad=True)
-        conv = nn.Conv2d(cin, cout, 3, stride=s, padding=1, bias=False)
+        x = torch.randn(args.batch, cin, h, h).contiguous(memory_format=fmt).requires_grad_()
+        conv = nn.Conv2d(cin, cout, 3, stride=s, padding=1, bias=False).to(memory_format=fmt)
         layers = {
-            T: EDLConv2d(cin, cout, 3, stride=s, num_iters=T, normalize_input=not args.no_normalize_input).train()
+            T: EDLConv2d(cin, cout, 3, stride=s, num_iters=T, normalize_input=not args.no_normalize_input)
+            .to(memory_format=fmt)
+            .train()
             for T in (1, 2, 3)
         }
         # All rows of a shape in one interleaved round, the convolution once before each T: every
@@ -84,6 +98,7 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--no-normalize-input", action="store_true",
                     help="run the method note's recursion on x itself (no per-sample input scale)")
+    ap.add_argument("--channels-last", action="store_true", help="NHWC inputs and layers on both sides")
     _allocator.add_argument(ap)
     args = ap.parse_args()
     _allocator.run(args, lambda: table(args))
