@@ -14,8 +14,8 @@ headers, so the build takes about a second. Where no compiler is found the layer
 path, after one warning. ``EDL_TIMM_FUSED=0`` turns the fused path off.
 
 Used for float32 CPU tensors in NCHW or channels_last (NHWC) layout, non-negative codes, without
-BPDA, and outside TorchScript, fx tracing, torch.compile and autocast; everything else runs the eager solver,
-which is the reference the tests compare this path against.
+BPDA, and outside TorchScript, fx tracing, torch.compile and autocast; everything else runs the
+eager solver, which is the reference the tests compare this path against.
 """
 import ctypes
 import hashlib
@@ -285,7 +285,7 @@ class _FusedSolve(torch.autograd.Function):
         need_lerp = has_rw and _wanted(ctx, 3)
         need_dict = _wanted(ctx, 1) or _wanted(ctx, 2)  # the weight, or m (through beta)
 
-        fmt = ctx.fmt
+        fmt, wfmt = ctx.fmt, ctx.wfmt
         g = grad.contiguous(memory_format=fmt)
         gv = torch.empty_like(out)
         gs = torch.empty(N, dtype=torch.float32) if s is not None else None
@@ -299,7 +299,7 @@ class _FusedSolve(torch.autograd.Function):
             need_p = t > 0 or need_x or need_lerp
             gp, gwa = layer._analyze_backward(gv, ps[t], D, need_p, need_dict)
             if need_dict:
-                g_an.append(gwa.contiguous(memory_format=ctx.wfmt))
+                g_an.append(gwa.contiguous(memory_format=wfmt))
             if t > 0:
                 z = zs[t - 1]
                 gp = gp.contiguous(memory_format=fmt)
@@ -307,7 +307,7 @@ class _FusedSolve(torch.autograd.Function):
                     g_w += lib.edl_reweight_grad(gp.data_ptr(), ps[t].data_ptr(), gp.numel(), w, eps)
                 gz, gws = layer._synthesize_backward(gp, z, D, x, need_dict)
                 if need_dict:
-                    g_syn.append(gws.contiguous(memory_format=ctx.wfmt))
+                    g_syn.append(gws.contiguous(memory_format=wfmt))
                 gu = gp if gu is None else gu.add_(gp)  # r_t = u - A*(z_t): u's gradient sums them all
                 gz = gz.contiguous(memory_format=fmt)
                 lib.edl_mask_sub(gz.data_ptr(), gv.data_ptr(), z.data_ptr(), gz.numel(), ctx.m)
