@@ -4,16 +4,16 @@ layer_speed.py gives the EDL step over the nn.Conv2d step; this splits the EDL s
 timing proxy around the fused kernel library and around the step-size refresh measures, inside
 each real training step (cold caches, as in training):
 
-* ``kernels``: the C passes of _fused_cpu.c, by name (first, code, out_grad, ...; ``dict`` is the
-  atom normalisation and its gradient, weight-sized passes);
+* ``passes``: the C passes of _fused_cpu.c, in total and by kernel (first, code, out_grad, ...;
+  ``dict`` is the atom normalisation and its gradient, weight-sized passes);
 * ``refresh``: the one-sample power iteration that follows each optimizer step;
 * ``convs``: everything else (the 2T-1 convolutions and PyTorch's bookkeeping), over the floor:
   near 1.00 means the layer's convolutions cost what nn.Conv2d's do.
 
 Next to them, ``copy``: a yardstick, the time to copy the layer's input from cold memory (a
 256 MB buffer is written first), which touches two activation-sized arrays; a pass over k such
-arrays cannot take much less than k/2 copies. ``budget``: the milliseconds the 1.05x target leaves for the passes and the
-refresh together, 0.05 x (2T-1) x the convolution step.
+arrays cannot take much less than k/2 copies. ``budget``: the milliseconds that the 1.05x target
+leaves for the passes and the refresh together, 0.05 x (2T-1) x the convolution step.
 
     python benchmarks/layer_breakdown.py [--repeats 9] [--batch 64] [--steps 1 2 3] [--channels-last]
 """
@@ -55,6 +55,7 @@ class _Timed:
 
 
 def timed_refresh(layer, spent):
+    """Time ``layer``'s step-size refreshes into ``spent``; ``del layer.update_step_size`` undoes it."""
     refresh = layer.update_step_size
 
     def timed(*args, **kwargs):
@@ -142,6 +143,7 @@ def main():
             print(f"{name:>20} {T:>2} {1e3 * mc:6.1f} {1e3 * best:6.1f} {best / mc / floor:11.3f} "
                   f"{convs / mc / floor:11.3f} {50 * mc * floor:6.2f} {1e3 * passes:6.2f} {1e3 * refresh:7.2f} "
                   f"{copy:5.2f}  " + " ".join(f"{1e3 * parts.get(c, 0.0):8.2f}" for c in cols), flush=True)
+
 
 if __name__ == "__main__":
     main()
