@@ -83,6 +83,7 @@ def measure(edl, conv, x, repeats, lib):
     spent = collections.Counter()
     timed_refresh(edl, spent)
     step, base = fwd_bwd(edl, x), fwd_bwd(conv, x)
+    # not _timing.fastest_times: the parts must come from the fastest EDL step itself
     mc, best, parts = float("inf"), float("inf"), None
     _fused._lib = _Timed(lib, spent)
     try:
