@@ -14,7 +14,7 @@ its map), one large sample split into chunks, and the rows of a linear layer; th
 weight-sized kernels (atom normalisation and its gradient, which also sums the T=2 layer's three
 weight gradients) on the ResNet-18 stage weights.
 
-    python benchmarks/kernel_speed.py [--repeats 15]
+    python benchmarks/kernel_speed.py [--repeats 15] [--dtype bfloat16]
 """
 import argparse
 
@@ -34,20 +34,20 @@ LAYOUTS = [  # (name, N blocks, G values per block)
 ]
 
 
-def kernels(lib, N, G):
+def kernels(lib, N, G, dtype):
     """([(name, arrays touched, fresh, fn)] per kernel, tensors by name); fn() runs the kernel. An
     in-place kernel has fresh = (name of its operand, work buffer): the operand is copied into the
     buffer before each run (its output would drift towards zero or overflow if fed back), and the
     copy's own time is subtracted."""
     n = N * G
-    x = torch.randn(n)
-    t = {k: torch.randn(n) for k in ("g", "gp", "gu", "q")}
-    t["x"], t["p"] = x, torch.empty(n)
-    t["z"] = torch.relu(torch.randn(n))
-    t["out"] = torch.relu(torch.randn(n))
+    x = torch.randn(n, dtype=dtype)
+    t = {k: torch.randn(n, dtype=dtype) for k in ("g", "gp", "gu", "q")}
+    t["x"], t["p"] = x, torch.empty(n, dtype=dtype)
+    t["z"] = torch.relu(torch.randn(n, dtype=dtype))
+    t["out"] = torch.relu(torch.randn(n, dtype=dtype))
     t["s"], t["gs"] = torch.empty(N), torch.randn(N)
     lib.edl_first(x.data_ptr(), N, G, W, EPS, 1, t["s"].data_ptr(), t["p"].data_ptr())
-    work, gv = torch.empty(n), torch.empty(n)
+    work, gv = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
     ptr = {k: v.data_ptr() for k, v in t.items()}
     w_ = work.data_ptr()
     return [
@@ -65,27 +65,32 @@ def kernels(lib, N, G):
     ], t
 
 
-def dict_kernels(lib, O, K):
+def dict_kernels(lib, O, K, dtype):
+    """The atom normalisation (writing the bfloat16 copy too when dtype is bfloat16) and its
+    gradient, which reads the convolutions' weight gradients in dtype."""
     w, d, g_w = torch.randn(O, K), torch.empty(O, K), torch.empty(O, K)
+    d_half = None if dtype == torch.float32 else torch.empty(O, K, dtype=dtype)  # held until the runs end
+    d_conv = None if d_half is None else d_half.data_ptr()
     inv = torch.empty(O)
-    grads = [torch.randn(O, K) for _ in range(3)]
-    lib.edl_dict(w.data_ptr(), O, K, 1, d.data_ptr(), inv.data_ptr())
+    grads = [torch.randn(O, K, dtype=dtype) for _ in range(3)]
+    edl_dict = _fused.library().edl_dict
+    edl_dict(w.data_ptr(), O, K, 1, d.data_ptr(), d_conv, inv.data_ptr())
     an, syn = _fused._ptrs(grads[:2]), _fused._ptrs(grads[2:])
     return [
-        ("edl_dict", 2, None, lambda: lib.edl_dict(w.data_ptr(), O, K, 1, d.data_ptr(), inv.data_ptr())),
+        ("edl_dict", 2, None, lambda: edl_dict(w.data_ptr(), O, K, 1, d.data_ptr(), d_conv, inv.data_ptr())),
         ("edl_dict_grad", 5, None,
          lambda: lib.edl_dict_grad(d.data_ptr(), inv.data_ptr(), O, K, M, 1, an, 2, syn, 1, g_w.data_ptr())),
-    ], {"x": w}
+    ], {"x": w, "d_conv": d_half}
 
 
-def table(repeats):
-    lib = _fused.library()
+def table(repeats, dtype):
+    lib = _fused.kernels(dtype)
     if lib is None:
         raise SystemExit("the fused kernels could not be built here (see the warning above)")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fastest of {repeats}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fastest of {repeats}, activations in {dtype}")
     print(f"{'layout':>20} {'kernel':>20} {'arrays':>6} {'ms':>7} {'per array / copy':>16}")
-    cases = [(name, kernels(lib, N, G)) for name, N, G in LAYOUTS]
-    cases += [(f"weight {O}x{K}", dict_kernels(lib, O, K)) for O, K in WEIGHTS]
+    cases = [(name, kernels(lib, N, G, dtype)) for name, N, G in LAYOUTS]
+    cases += [(f"weight {O}x{K}", dict_kernels(lib, O, K, dtype)) for O, K in WEIGHTS]
     for name, (rows, t) in cases:
         src, dst = t["x"], torch.empty_like(t["x"])
         copy = lambda: dst.copy_(src)  # noqa: E731
@@ -107,9 +112,11 @@ def table(repeats):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="the activations' type (the kernels of the bfloat16 autocast path with bfloat16)")
     args = ap.parse_args()
     keep_freed_memory()  # the same allocator setting for every row: no page faults in any of them
-    table(args.repeats)
+    table(args.repeats, getattr(torch, args.dtype))
 
 
 if __name__ == "__main__":

@@ -44,11 +44,12 @@ class _Timed:
 
     def __getattr__(self, name):
         fn = getattr(self._lib, name)
+        kernel = name.removesuffix("_f32").removesuffix("_bf16")  # one column for both activation types
 
         def timed(*args):
             t0 = time.perf_counter()
             out = fn(*args)
-            self._spent[PASSES.get(name, name)] += time.perf_counter() - t0
+            self._spent[PASSES.get(kernel, kernel)] += time.perf_counter() - t0
             return out
 
         return timed

@@ -13,9 +13,13 @@ into ``$EDL_TIMM_CACHE`` (default ``~/.cache/edl_timm``) and loaded with ctypes;
 headers, so the build takes about a second. Where no compiler is found the layers run the eager
 path, after one warning. ``EDL_TIMM_FUSED=0`` turns the fused path off.
 
-Used for float32 CPU tensors in NCHW or channels_last (NHWC) layout, non-negative codes, without
-BPDA, and outside TorchScript, fx tracing, torch.compile and autocast; everything else runs the
-eager solver, which is the reference the tests compare this path against.
+Used for CPU tensors in NCHW or channels_last (NHWC) layout with a float32 weight: float32
+activations, or bfloat16 ones under ``torch.autocast("cpu", dtype=torch.bfloat16)``, where the
+convolutions run in bfloat16 as autocast runs nn.Conv2d's and the C passes read and write
+bfloat16 with float32 arithmetic and float32/double sums (``_fused_cpu_kernels.h``); non-negative
+codes, without BPDA, and outside TorchScript, fx tracing and torch.compile. Everything else
+(float16 autocast, float64, GPU) runs the eager solver, which is the reference the tests compare
+this path against.
 """
 import ctypes
 import hashlib
@@ -35,6 +39,7 @@ from torch.autograd.function import once_differentiable
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 _SOURCE = Path(__file__).with_name("_fused_cpu.c")
+_SOURCES = [_SOURCE, _SOURCE.with_name("_fused_cpu_kernels.h")]  # the .c includes the .h
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _lock = threading.Lock()
 _lib = None
@@ -44,16 +49,23 @@ _enabled = True
 _p = ctypes.c_void_p
 _i64 = ctypes.c_int64
 _f = ctypes.c_float
-_SIGNATURES = {
-    "edl_first": (None, [_p, _i64, _i64, _f, _f, ctypes.c_int, _p, _p]),
-    "edl_residual": (None, [_p, _p, _p, _i64, _i64, _f, _f, ctypes.c_int]),
+_int = ctypes.c_int
+# The activation kernels exist once per activation type, as name_f32 and name_bf16 (see
+# _fused_cpu_kernels.h); the argument lists are the same for both.
+_ACT_SIGNATURES = {
+    "edl_first": (None, [_p, _i64, _i64, _f, _f, _int, _p, _p]),
+    "edl_residual": (None, [_p, _p, _p, _i64, _i64, _f, _f, _int]),
     "edl_code": (None, [_p, _p, _p, _i64, _i64, _f, _f, _p]),
     "edl_out_grad": (None, [_p, _p, _p, _i64, _i64, _f, _p, _p, _p]),
     "edl_reweight_grad": (ctypes.c_double, [_p, _p, _i64, _f, _f]),
     "edl_mask_sub": (None, [_p, _p, _p, _i64, _f]),
-    "edl_first_grad": (ctypes.c_double, [_p, _p, _p, _p, _p, _i64, _i64, _f, _f, ctypes.c_int]),
-    "edl_dict": (None, [_p, _i64, _i64, ctypes.c_int, _p, _p]),
-    "edl_dict_grad": (ctypes.c_double, [_p, _p, _i64, _i64, _f, ctypes.c_int, _p, _i64, _p, _i64, _p]),
+    "edl_first_grad": (ctypes.c_double, [_p, _p, _p, _p, _p, _i64, _i64, _f, _f, _int]),
+    "edl_dict_grad": (ctypes.c_double, [_p, _p, _i64, _i64, _f, _int, _p, _i64, _p, _i64, _p]),
+}
+_SUFFIX = {torch.float32: "_f32", torch.bfloat16: "_bf16"}
+_SIGNATURES = {
+    "edl_dict": (None, [_p, _i64, _i64, _int, _p, _p, _p]),
+    **{name + suffix: sig for name, sig in _ACT_SIGNATURES.items() for suffix in _SUFFIX.values()},
 }
 
 
@@ -74,7 +86,7 @@ def _cache_dir() -> Path:
 
 
 def _build(compiler: str) -> Path:
-    source = _SOURCE.read_bytes()
+    source = b"\0".join(p.read_bytes() for p in _SOURCES)
     key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), compiler.encode(), _cpu_signature().encode()]))
     target = _cache_dir() / f"edl_fused_cpu-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -148,20 +160,48 @@ def eager():
         _enabled = before
 
 
+class _Kernels:
+    """The activation kernels of one activation type, by their names without the type suffix
+    (``kernels(torch.bfloat16).edl_code`` is the C function ``edl_code_bf16``). Looked up on the
+    library at each call, so that a stand-in for ``_lib`` (a timing proxy) sees every call."""
+
+    def __init__(self, suffix: str):
+        self._suffix = suffix
+
+    def __getattr__(self, name):
+        return getattr(_lib, name + self._suffix)
+
+
+def kernels(dtype: torch.dtype) -> Optional[_Kernels]:
+    """The C kernels for activations of ``dtype`` (float32 or bfloat16), or None where the library
+    cannot be built."""
+    return _Kernels(_SUFFIX[dtype]) if library() is not None else None
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The activations' type in the fused node: bfloat16 under CPU autocast to bfloat16 (the
+    convolutions run in it, as autocast runs nn.Conv2d), else the input's own."""
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+        return torch.bfloat16
+    return x.dtype
+
+
 def usable(layer, x: torch.Tensor) -> bool:
     """Whether ``layer``'s forward on ``x`` can take the fused path."""
     if not _enabled or is_fx_symbolic_tracing():  # first: under fx, x is a Proxy
         return False
     w = layer.weight
+    autocast = torch.is_autocast_enabled("cpu")
     return (
         x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and w.device.type == "cpu"
         and w.dtype == torch.float32
+        and (x.dtype == torch.float32 or (autocast and x.dtype == torch.bfloat16))
+        and (not autocast or torch.get_autocast_dtype("cpu") == torch.bfloat16)
         and layer.nonneg
         and not layer.bpda
         and x.numel() > 0
         and _layout(x) is not None
-        and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and library() is not None
     )
@@ -204,15 +244,27 @@ def _ptrs(tensors):
 
 
 def solve(layer, x: torch.Tensor, num_iters: int) -> torch.Tensor:
-    """``layer``'s output for ``x`` (code, input normalisation and bias) through the fused node."""
+    """``layer``'s output for ``x`` (code, input normalisation and bias) through the fused node.
+    Under CPU autocast to bfloat16 the input is cast first (as autocast casts a convolution's) and
+    the output is bfloat16."""
     m, lerp_w = layer._scalars()
-    return _FusedSolve.apply(x, layer.weight, m, lerp_w, layer.bias, layer, num_iters)
+    dtype = compute_dtype(x)
+    if dtype == torch.float32 or layer.bias is None:
+        return _FusedSolve.apply(x.to(dtype), layer.weight, m, lerp_w, layer.bias, layer, num_iters)
+    # In bfloat16 the bias is added outside the node: its backward finds the code's zeros from the
+    # stored output, and out - bias in bfloat16 would lose every code below half an ulp of the bias
+    code = _FusedSolve.apply(x.to(dtype), layer.weight, m, lerp_w, None, layer, num_iters)
+    return code + layer._bias_view(layer.bias).to(dtype)
 
 
 class _FusedSolve(torch.autograd.Function):
     """s * code(x / s) + bias by T RISTA steps (see ``_EDLMixin.solve`` for the recursion),
     differentiable in x, the raw weight, the analysis scale m and the lerp weight lw (both 0-d, from
     ``_scalars``) and the bias.
+
+    Activations (x, the analysis inputs p_t, the codes z_t, the output and their gradients) are
+    float32 or bfloat16, x's type; the convolutions run in that type with the dictionary cast to
+    it. The weight, the scales, the bias and all their gradients stay float32.
 
     The threshold and the bias are applied by the code-update loop, not by the convolution or
     matrix product: a bias there costs a full copy into the output (addmm) on CPU.
@@ -223,110 +275,121 @@ class _FusedSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, m, lerp_w, bias, layer, steps):
-        lib = library()
+        k = kernels(x.dtype)
         normalize = layer.normalize_input
         eps = float(layer.eps)
         has_rw = lerp_w is not None
-        w = float(lerp_w) if has_rw else 1.0
+        lw = float(lerp_w) if has_rw else 1.0
         mf = float(m)
-        # D and the weight gradients share the weight's layout: edl_dict and edl_dict_grad read
-        # them as O rows, and a row (one atom) is contiguous in NCHW and NHWC alike
+        # the dictionary and the weight gradients share the weight's layout: edl_dict and
+        # edl_dict_grad read them as rows, and a row (one atom) is contiguous in NCHW and NHWC alike
         wfmt = _layout(weight) or torch.contiguous_format
         weight = weight.contiguous(memory_format=wfmt)
-        O, K = weight.shape[0], weight.numel() // weight.shape[0]
-        D = torch.empty_like(weight)
-        inv = torch.empty(O, dtype=torch.float32)
-        lib.edl_dict(weight.data_ptr(), O, K, int(layer.normalize_atoms), D.data_ptr(), inv.data_ptr())
+        atoms, atom_size = weight.shape[0], weight.numel() // weight.shape[0]
+        dictionary = torch.empty_like(weight)
+        dict_conv = dictionary if x.dtype == torch.float32 else torch.empty_like(weight, dtype=x.dtype)
+        inv_norms = torch.empty(atoms, dtype=torch.float32)
+        _lib.edl_dict(weight.data_ptr(), atoms, atom_size, int(layer.normalize_atoms), dictionary.data_ptr(),
+                      None if dict_conv is dictionary else dict_conv.data_ptr(), inv_norms.data_ptr())
         thr = layer.lam * float(layer.step_size)
 
-        G = layer._block_size(x)
-        N = x.numel() // G
-        s = torch.empty(N, dtype=torch.float32) if normalize else None
+        in_block = layer._block_size(x)  # values per sample (conv) or per row (linear)
+        blocks = x.numel() // in_block
+        scale = torch.empty(blocks, dtype=torch.float32) if normalize else None
         if has_rw or normalize:
             p = torch.empty_like(x)
-            lib.edl_first(x.data_ptr(), N, G, w, eps, int(has_rw), _ptr(s), p.data_ptr())
+            k.edl_first(x.data_ptr(), blocks, in_block, lw, eps, int(has_rw), _ptr(scale), p.data_ptr())
         else:
             p = x
         ps, zs = [p], []
         fmt = _layout(x)
-        v = layer._analyze(p, D, None).contiguous(memory_format=fmt)
-        Gc = v.numel() // N
-        bias_block = None if bias is None else layer._bias_block(bias.detach(), v, fmt).contiguous()
+        v = layer._analyze(p, dict_conv, None).contiguous(memory_format=fmt)
+        out_block = v.numel() // blocks
+        bias_block = None if bias is None else layer._bias_block(bias.detach(), v, fmt).float().contiguous()
         z = None
         for _ in range(1, steps):
-            lib.edl_code(v.data_ptr(), _ptr(z), None, N, Gc, mf, thr, None)
+            k.edl_code(v.data_ptr(), _ptr(z), None, blocks, out_block, mf, thr, None)
             z = v
-            q = layer._synthesize(z, D, x).contiguous(memory_format=fmt)
-            lib.edl_residual(q.data_ptr(), x.data_ptr(), _ptr(s), N, G, w, eps, int(has_rw))
+            q = layer._synthesize(z, dict_conv, x).contiguous(memory_format=fmt)
+            k.edl_residual(q.data_ptr(), x.data_ptr(), _ptr(scale), blocks, in_block, lw, eps, int(has_rw))
             zs.append(z)
             ps.append(q)
-            v = layer._analyze(q, D, None).contiguous(memory_format=fmt)
-        lib.edl_code(v.data_ptr(), _ptr(z), _ptr(s), N, Gc, mf, thr, _ptr(bias_block))
-        ctx.layer, ctx.steps, ctx.N, ctx.G, ctx.Gc, ctx.O, ctx.K = layer, steps, N, G, Gc, O, K
-        ctx.w, ctx.eps, ctx.m, ctx.has_rw, ctx.has_s = w, eps, mf, has_rw, normalize
-        ctx.has_bias, ctx.fmt, ctx.wfmt = bias is not None, fmt, wfmt
+            v = layer._analyze(q, dict_conv, None).contiguous(memory_format=fmt)
+        k.edl_code(v.data_ptr(), _ptr(z), _ptr(scale), blocks, out_block, mf, thr, _ptr(bias_block))
+
+        ctx.layer, ctx.steps, ctx.blocks, ctx.in_block, ctx.out_block = layer, steps, blocks, in_block, out_block
+        ctx.atoms, ctx.atom_size, ctx.lw, ctx.eps, ctx.m, ctx.has_rw = atoms, atom_size, lw, eps, mf, has_rw
+        ctx.fmt, ctx.wfmt = fmt, wfmt
         tensor_inputs = [isinstance(a, torch.Tensor) for a in (x, weight, m, lerp_w, bias)]
         ctx.edges = {i: sum(tensor_inputs[:i]) for i, is_tensor in enumerate(tensor_inputs) if is_tensor}
-        ctx.save_for_backward(x, v, D, inv, *([s] if normalize else []), *([bias_block] if ctx.has_bias else []), *ps, *zs)
+        # saved by name: ctx.slots maps each name to its place in saved_tensors (None: not saved)
+        named = dict(x=x, out=v, dictionary=dictionary, dict_conv=None if dict_conv is dictionary else dict_conv,
+                     inv_norms=inv_norms, scale=scale, bias_block=bias_block)
+        saved = [t for t in named.values() if t is not None]
+        ctx.slots, i = {}, 0
+        for name, t in named.items():
+            ctx.slots[name] = None if t is None else i
+            i += t is not None
+        ctx.save_for_backward(*saved, *ps, *zs)
         return v
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        lib = library()
-        layer, steps, N, G, Gc, w, eps, has_rw = ctx.layer, ctx.steps, ctx.N, ctx.G, ctx.Gc, ctx.w, ctx.eps, ctx.has_rw
-        saved = list(ctx.saved_tensors)
-        x, out, D, inv = saved[:4]
-        rest = saved[4:]
-        s = rest.pop(0) if ctx.has_s else None
-        bias_block = rest.pop(0) if ctx.has_bias else None
-        ps, zs = rest[:steps], rest[steps:]
+        layer, steps, blocks, lw, eps, has_rw = ctx.layer, ctx.steps, ctx.blocks, ctx.lw, ctx.eps, ctx.has_rw
+        saved = ctx.saved_tensors
+        get = {name: None if i is None else saved[i] for name, i in ctx.slots.items()}
+        x, out, dictionary, scale, bias_block = get["x"], get["out"], get["dictionary"], get["scale"], get["bias_block"]
+        dict_conv = dictionary if get["dict_conv"] is None else get["dict_conv"]
+        n_named = sum(i is not None for i in ctx.slots.values())
+        ps, zs = saved[n_named:n_named + steps], saved[n_named + steps:]
+        k = kernels(x.dtype)
         need_x = _wanted(ctx, 0)
         need_lerp = has_rw and _wanted(ctx, 3)
         need_dict = _wanted(ctx, 1) or _wanted(ctx, 2)  # the weight, or m (through beta)
 
         fmt, wfmt = ctx.fmt, ctx.wfmt
-        g = grad.contiguous(memory_format=fmt)
+        g = grad.to(x.dtype).contiguous(memory_format=fmt)
         gv = torch.empty_like(out)
-        gs = torch.empty(N, dtype=torch.float32) if s is not None else None
+        g_scale = torch.empty(blocks, dtype=torch.float32) if scale is not None else None
         # gv carries the factor m from here on: it is the gradient of the analysis output A(p_t)
-        lib.edl_out_grad(g.data_ptr(), out.data_ptr(), _ptr(s), N, Gc, ctx.m, _ptr(bias_block), gv.data_ptr(), _ptr(gs))
-        g_bias = layer._bias_grad(g) if ctx.has_bias and _wanted(ctx, 4) else None
-        g_an, g_syn = [], []
-        gu = gx = None
-        g_w = 0.0
+        k.edl_out_grad(g.data_ptr(), out.data_ptr(), _ptr(scale), blocks, ctx.out_block, ctx.m, _ptr(bias_block),
+                       gv.data_ptr(), _ptr(g_scale))
+        g_bias = layer._bias_grad(g) if bias_block is not None and _wanted(ctx, 4) else None
+        g_an, g_syn = [], []  # the dictionary's gradients from each analysis and each synthesis
+        g_u = gx = None
+        g_lw = 0.0
         for t in range(steps - 1, -1, -1):
             need_p = t > 0 or need_x or need_lerp
-            gp, gwa = layer._analyze_backward(gv, ps[t], D, need_p, need_dict)
+            gp, g_dict = layer._analyze_backward(gv, ps[t], dict_conv, need_p, need_dict)
             if need_dict:
-                g_an.append(gwa.contiguous(memory_format=wfmt))
+                g_an.append(g_dict.contiguous(memory_format=wfmt))
             if t > 0:
                 z = zs[t - 1]
                 gp = gp.contiguous(memory_format=fmt)
                 if has_rw:  # gp becomes the residual's gradient
-                    g_w += lib.edl_reweight_grad(gp.data_ptr(), ps[t].data_ptr(), gp.numel(), w, eps)
-                gz, gws = layer._synthesize_backward(gp, z, D, x, need_dict)
+                    g_lw += k.edl_reweight_grad(gp.data_ptr(), ps[t].data_ptr(), gp.numel(), lw, eps)
+                gz, g_dict = layer._synthesize_backward(gp, z, dict_conv, x, need_dict)
                 if need_dict:
-                    g_syn.append(gws.contiguous(memory_format=wfmt))
-                gu = gp if gu is None else gu.add_(gp)  # r_t = u - A*(z_t): u's gradient sums them all
+                    g_syn.append(g_dict.contiguous(memory_format=wfmt))
+                g_u = gp if g_u is None else g_u.add_(gp)  # r_t = u - A*(z_t): u's gradient sums them all
                 gz = gz.contiguous(memory_format=fmt)
-                lib.edl_mask_sub(gz.data_ptr(), gv.data_ptr(), z.data_ptr(), gz.numel(), ctx.m)
+                k.edl_mask_sub(gz.data_ptr(), gv.data_ptr(), z.data_ptr(), gz.numel(), ctx.m)
                 gv = gz
             elif need_p:
                 gp = gp.contiguous(memory_format=fmt)
-                if has_rw or s is not None or gu is not None:
-                    g_w += lib.edl_first_grad(
-                        gp.data_ptr(), x.data_ptr(), _ptr(s), _ptr(gu), _ptr(gs), N, G, w, eps, int(has_rw)
-                    )
+                if has_rw or scale is not None or g_u is not None:
+                    g_lw += k.edl_first_grad(gp.data_ptr(), x.data_ptr(), _ptr(scale), _ptr(g_u), _ptr(g_scale), blocks,
+                                             ctx.in_block, lw, eps, int(has_rw))
                 gx = gp if need_x else None
         g_weight = g_m = None
         if need_dict:
-            g_weight = torch.empty_like(D)
-            dm = lib.edl_dict_grad(
-                D.data_ptr(), inv.data_ptr(), ctx.O, ctx.K, ctx.m,
+            g_weight = torch.empty_like(dictionary)
+            dm = k.edl_dict_grad(
+                dictionary.data_ptr(), get["inv_norms"].data_ptr(), ctx.atoms, ctx.atom_size, ctx.m,
                 int(layer.normalize_atoms), _ptrs(g_an), len(g_an), _ptrs(g_syn), len(g_syn), g_weight.data_ptr(),
             )
             g_m = torch.tensor(dm, dtype=torch.float32) if ctx.needs_input_grad[2] else None
             g_weight = g_weight if ctx.needs_input_grad[1] else None
-        g_lerp = torch.tensor(g_w, dtype=torch.float32) if need_lerp else None
+        g_lerp = torch.tensor(g_lw, dtype=torch.float32) if need_lerp else None
         return gx, g_weight, g_m, g_lerp, g_bias, None, None

@@ -47,10 +47,11 @@ Choices where the method note is silent (each with its reason; see README "EDL l
   touched in eval mode. It is treated as a constant by autograd.
 
 Speed: tau, the balance constant of the reweighting and the threshold are folded into the analysis
-weight and bias. On CPU in float32, ``forward`` runs the solver through ``_fused.py``: one autograd
-node whose elementwise stages are C loops (one memory pass per stage, forward and backward). Everywhere
-else (GPU, float64, autocast, BPDA, signed codes, TorchScript, fx, torch.compile) it runs ``solve``
-below, the eager reference, whose reweighting has a hand-written backward.
+weight and bias. On CPU in float32, and under CPU autocast to bfloat16, ``forward`` runs the solver
+through ``_fused.py``: one autograd node whose elementwise stages are C loops (one memory pass per
+stage, forward and backward). Everywhere else (GPU, float64, float16 autocast, BPDA, signed codes,
+TorchScript, fx, torch.compile) it runs ``solve`` below, the eager reference, whose reweighting has
+a hand-written backward.
 """
 import math
 from typing import List, Optional, Tuple
@@ -345,7 +346,7 @@ class _EDLMixin:
         if not torch.jit.is_scripting():  # scripted and fx-traced graphs keep the step size as it is
             if self.training and not is_fx_symbolic_tracing():
                 self._refresh_step_size(x)
-            if _fused.usable(self, x):  # same arithmetic, fused elementwise passes (float32 on CPU)
+            if _fused.usable(self, x):  # same arithmetic, fused elementwise passes (CPU, float32 or bf16 autocast)
                 return _fused.solve(self, x, steps)
         if self.normalize_input:
             scale = self._input_scale(x)
@@ -548,7 +549,7 @@ class EDLConv2d(_EDLMixin, nn.Conv2d):
         return bias.repeat(hw) if fmt == torch.channels_last else bias.repeat_interleave(hw)
 
     def _bias_grad(self, g: torch.Tensor) -> torch.Tensor:
-        return g.sum((0, 2, 3))
+        return g.sum((0, 2, 3), dtype=torch.float32)
 
     def _analyze_backward(self, gv: torch.Tensor, p: torch.Tensor, weight: torch.Tensor, need_input: bool, need_weight: bool):
         gi, gw, _ = torch.ops.aten.convolution_backward(
@@ -643,7 +644,7 @@ class EDLLinear(_EDLMixin, nn.Linear):
         return bias
 
     def _bias_grad(self, g: torch.Tensor) -> torch.Tensor:
-        return g.reshape(-1, g.shape[-1]).sum(0)
+        return g.reshape(-1, g.shape[-1]).sum(0, dtype=torch.float32)
 
     def _analyze_backward(self, gv: torch.Tensor, p: torch.Tensor, weight: torch.Tensor, need_input: bool, need_weight: bool):
         gi = gv.matmul(weight) if need_input else None
