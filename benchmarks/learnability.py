@@ -8,7 +8,7 @@ lr peaking at 0.1; natural or FGSM-RS (eps 8/255, alpha 10/255) training. Report
 JPEG CIFAR-10 copy in shared/data), and each EDL layer's learned beta.
 
     python benchmarks/learnability.py --data ../shared/data/cifar10 --adv none \
-        --variant plain:mode=none --variant edl:mode=elastic
+        --variant plain:mode=none --variant edl:mode=elastic [--bf16]
 """
 import argparse
 import copy
@@ -89,9 +89,12 @@ def train(net, x_u8, y, args):
             idx = order[s * args.batch_size:(s + 1) * args.batch_size]
             xb = random_crop_flip(x_u8[idx], generator=g).float() / 255
             yb = y[idx]
-            if args.adv == "fgsm":
-                xb = fgsm_rs(net, xb, yb, 8 / 255, 10 / 255, generator=g)
-            loss = F.cross_entropy(net(xb), yb)
+            # --bf16: the attack and the loss forward under autocast, as accelerate runs them for
+            # scripts/train.py --mixed-precision bf16; evaluation below stays float32
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                if args.adv == "fgsm":
+                    xb = fgsm_rs(net, xb, yb, 8 / 255, 10 / 255, generator=g)
+                loss = F.cross_entropy(net(xb).float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -112,6 +115,7 @@ def main():
     ap.add_argument("--adv", choices=["none", "fgsm"], default="none")
     ap.add_argument("--pgd-steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bf16", action="store_true", help="train (attack and loss forward) under bfloat16 autocast")
     ap.add_argument("--variant", action="append", required=True, help="name:key=value,... (model kwargs)")
     ap.add_argument("--no-audit", action="store_true", help="skip the gradient-masking audit (the first variant is "
                     "the transfer source for the others)")
@@ -125,7 +129,7 @@ def main():
     idx = random_subset(y_test, args.eval_n)
     x_test, y_test = x_test[idx].float() / 255, y_test[idx]
     print(f"{len(x_train)} train images, {len(x_test)} test images (JPEG CIFAR-10 copy), adv={args.adv}, "
-          f"{args.epochs} epochs", flush=True)
+          f"{args.epochs} epochs, training in {'bfloat16 autocast' if args.bf16 else 'float32'}", flush=True)
     rows, first = [], None
     for text in args.variant:
         name, kwargs = parse_variant(text)
@@ -139,7 +143,7 @@ def main():
         first = first or net
         extra = {} if args.no_audit else audit(net, x_test, y_test, first, args.pgd_steps)
         betas = [round(m.beta.item(), 3) for m in net.modules() if edl_timm.is_edl_layer(m)]
-        row = dict(variant=name, kwargs=kwargs, adv=args.adv, clean=clean, pgd=robust, pgd_steps=args.pgd_steps, **extra,
+        row = dict(variant=name, kwargs=kwargs, adv=args.adv, bf16=args.bf16, clean=clean, pgd=robust, pgd_steps=args.pgd_steps, **extra,
                    min_robust=min([robust, *[v for k, v in extra.items() if "eps" not in k]]),
                    final_loss=sum(losses[-10:]) / len(losses[-10:]), train_s=round(train_s), betas=betas)
         rows.append(row)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -67,6 +68,7 @@ class TrainConfig:
     eval_pgd_steps: int = 10
     augment: bool = True
     mixed_precision: str = "no"
+    channels_last: bool = False
     seed: int = 0
     checkpoint_every: Optional[int] = None
     keep_checkpoints: int = 2
@@ -170,17 +172,20 @@ def _evaluate(accelerator, net, images, labels, cfg: TrainConfig, batch_size: in
     loader = accelerator.prepare_data_loader(loader)
     was_training = net.training
     net.eval()
+    # float32 always: under --mixed-precision accelerate wraps forward in autocast and keeps the
+    # unwrapped one here; a bfloat16 attack gradient can be a weaker attack (optimistic accuracy)
+    forward = getattr(net, "_original_forward", net)
     correct = correct_adv = total = 0
     g = torch.Generator(device=accelerator.device).manual_seed(cfg.seed + 7)
     for (idx,) in loader:
         idx = idx.cpu()
-        x = images[idx].to(accelerator.device).float().div_(255)
+        x = _to_layout(images[idx].to(accelerator.device).float().div_(255), cfg)
         y = labels[idx].to(accelerator.device)
         with torch.no_grad():
-            pred = net(x).argmax(1)
-        x_adv = pgd(net, x, y, cfg.eps, 2.5 * cfg.eps / cfg.eval_pgd_steps, cfg.eval_pgd_steps, generator=g)
+            pred = forward(x).argmax(1)
+        x_adv = pgd(forward, x, y, cfg.eps, 2.5 * cfg.eps / cfg.eval_pgd_steps, cfg.eval_pgd_steps, generator=g)
         with torch.no_grad():
-            pred_adv = net(x_adv).argmax(1)
+            pred_adv = forward(x_adv).argmax(1)
         pred, pred_adv, y = accelerator.gather_for_metrics((pred, pred_adv, y))
         correct += (pred == y).sum().item()
         correct_adv += (pred_adv == y).sum().item()
@@ -189,13 +194,32 @@ def _evaluate(accelerator, net, images, labels, cfg: TrainConfig, batch_size: in
     return {"eval_n": total, "clean_acc": 100.0 * correct / total, f"pgd{cfg.eval_pgd_steps}_acc": 100.0 * correct_adv / total}
 
 
+def _to_layout(x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+
+
+@contextmanager
+def _standard_layout(model: nn.Module, cfg: TrainConfig):
+    """The weights in the usual (contiguous) layout inside the block, in channels_last again after:
+    safetensors writes contiguous tensors only, and a checkpoint or release keeps the usual layout
+    whatever the run trained in. The parameters stay the same objects (the optimizer's)."""
+    if not cfg.channels_last:
+        yield
+        return
+    model.to(memory_format=torch.contiguous_format)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.channels_last)
+
+
 def _latest_checkpoint(output_dir: Path) -> Optional[Path]:
     ckpts = sorted((output_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
     ckpts = [p for p in ckpts if (p / "trainer_state.json").exists()]
     return ckpts[-1] if ckpts else None
 
 
-def _save_checkpoint(accelerator, output_dir: Path, state: Dict[str, Any], keep: int) -> None:
+def _save_checkpoint(accelerator, net: nn.Module, output_dir: Path, state: Dict[str, Any], keep: int, cfg: TrainConfig) -> None:
     """``save_state`` into a temporary folder, then one rename: a crash while writing leaves the
     previous checkpoint as it was (accelerate's own ``total_limit`` rotation writes in place)."""
     root = output_dir / "checkpoints"
@@ -205,7 +229,8 @@ def _save_checkpoint(accelerator, output_dir: Path, state: Dict[str, Any], keep:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    with _standard_layout(accelerator.unwrap_model(net), cfg):
+        accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps(state))
@@ -222,7 +247,7 @@ def _save_final(accelerator, model: nn.Module, output_dir: Path, cfg: TrainConfi
 
     if not accelerator.is_main_process:
         return
-    model = accelerator.unwrap_model(model)
+    model = accelerator.unwrap_model(model).to(memory_format=torch.contiguous_format)  # a release keeps the usual layout
     tmp = output_dir / ".final_tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model_args = dict(getattr(model, "edl_cfg", {}))
@@ -295,6 +320,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     size = tuple(data_cfg.get("input_size", (3,) + tuple(train_x.shape[-2:])))[-2:]
     train_x, eval_x = _fit_size(train_x, size), _fit_size(eval_x, size)
     net = Normalized(model, data_cfg.get("mean", (0.0,) * 3), data_cfg.get("std", (1.0,) * 3))
+    if cfg.channels_last:  # NHWC: oneDNN convolves without reordering (the fused EDL path runs it too)
+        net.to(memory_format=torch.channels_last)
     if cfg.elastic_from_epoch > 0:
         _set_edl_phase(model, elastic=False)
 
@@ -368,7 +395,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             x = train_x[idx]
             if cfg.augment:
                 x = random_crop_flip(x, padding=max(x.shape[-1] // 8, 1), generator=g)
-            x = x.to(accelerator.device).float().div_(255)
+            x = _to_layout(x.to(accelerator.device).float().div_(255), cfg)
             y = train_y[idx].to(accelerator.device)
             gd = g if accelerator.device.type == "cpu" else torch.Generator(device=accelerator.device).manual_seed(g.initial_seed())
             with accelerator.accumulate(net):
@@ -388,8 +415,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             if step % 10 == 0 or step == total_steps:
                 log({"step": step, "epoch": epoch, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                _save_checkpoint(accelerator, output_dir, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch},
-                                 cfg.keep_checkpoints)
+                _save_checkpoint(accelerator, net, output_dir, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch},
+                                 cfg.keep_checkpoints, cfg)
             if step >= total_steps:
                 done = True
                 break
@@ -401,8 +428,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         if epoch_end:
             epoch += 1
         if not done:
-            _save_checkpoint(accelerator, output_dir, {"step": step, "epoch": epoch, "batch_in_epoch": 0},
-                             cfg.keep_checkpoints)
+            _save_checkpoint(accelerator, net, output_dir, {"step": step, "epoch": epoch, "batch_in_epoch": 0},
+                             cfg.keep_checkpoints, cfg)
     bar.close()
     # every process must end with the same weights; a difference is a sharding or DDP bug
     sums = accelerator.gather(_params_checksum(accelerator.unwrap_model(net)).to(accelerator.device))

@@ -68,7 +68,10 @@ def main(argv=None):
     p.add_argument("--elastic-from-epoch", type=int, default=0, help="train EDL layers as Vanilla DL before this epoch")
     p.add_argument("--eval-pgd-steps", type=int, default=10)
     p.add_argument("--no-augment", dest="augment", action="store_false")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
+                   help="accelerate's autocast for training; bf16 on the CPU runs the fused EDL path in bfloat16. "
+                        "The per-epoch evaluation stays float32")
+    p.add_argument("--channels-last", action="store_true", help="train in NHWC; checkpoints and weights keep the usual layout")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=None, help="also checkpoint every N steps (always at each epoch)")
     p.add_argument("--keep-checkpoints", type=int, default=2)

@@ -1,6 +1,7 @@
 """Training with accelerate: objectives, bad input, fine-tuning, multi-process and exact resume."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,3 +165,54 @@ def test_two_processes_match_one_with_the_same_global_batch(cifar_dir, tmp_path)
         moved = (w1[k] - init[k]).norm()
         # BatchNorm sees 16 images per process instead of 32, so the runs are close, not equal
         assert (w1[k] - w2[k]).norm() < 0.2 * moved + 1e-6, k
+
+
+def test_bf16_channels_last_training_runs_fused_bf16_and_saves_the_usual_layout(cifar_dir, tmp_path, monkeypatch, request):
+    """--mixed-precision bf16 --channels-last on the CPU: the EDL layers run the fused node in
+    bfloat16 on NHWC activations during training steps, the per-epoch evaluation runs in float32,
+    and every checkpoint and the final weights are written (safetensors takes contiguous tensors
+    only) in the usual layout; a run resumed from a checkpoint ends with the same weights."""
+    from edl_timm.layers import EDLConv2d, _fused
+
+    seen = []
+    original = EDLConv2d.forward
+
+    def spy(self, x, num_iters=None):
+        out = original(self, x, num_iters)
+        node = type(out.grad_fn).__name__ if out.grad_fn is not None else None
+        seen.append((self.training, torch.is_grad_enabled(), out.dtype, node,
+                     x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()))
+        return out
+
+    monkeypatch.setattr(EDLConv2d, "forward", spy)
+    # accelerate keeps one process-wide state, fixed by the first Accelerator: this test's bf16
+    # runs share the pytest process with float32 ones, so start and leave it fresh
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(True)
+    request.addfinalizer(lambda: AcceleratorState._reset_state(True))
+    common = dict(model="edl_resnet18", model_kwargs=dict(TINY), dataset=str(cifar_dir), train_subset=64, eval_subset=16,
+                  batch_size=16, epochs=2, adv="fgsm", mixed_precision="bf16", channels_last=True, checkpoint_every=3,
+                  keep_checkpoints=10, quiet=True)
+    train(TrainConfig(output_dir=str(tmp_path / "full"), **common))
+    train_calls = [s for s in seen if s[0]]
+    eval_calls = [s for s in seen if not s[0]]
+    if _fused.library() is not None:
+        assert train_calls and all(s[2] == torch.bfloat16 and s[4] for s in train_calls), set(train_calls)
+        assert all(s[3] == "_FusedSolveBackward" for s in train_calls if s[1])
+    assert eval_calls and all(s[2] == torch.float32 for s in eval_calls), set(eval_calls)
+
+    for folder in [tmp_path / "full", *sorted((tmp_path / "full" / "checkpoints").glob("step_*"))]:
+        files = list(folder.glob("*.safetensors"))
+        assert files, folder
+        for f in files:
+            assert all(t.is_contiguous() for t in load_file(f).values())
+    model = timm.create_model(f"local-dir:{tmp_path / 'full'}", pretrained=True)
+    assert model.conv1.weight.is_contiguous()
+
+    ckpt = sorted((tmp_path / "full" / "checkpoints").glob("step_*"))[0]
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt, resumed / "checkpoints" / ckpt.name)
+    train(TrainConfig(output_dir=str(resumed), resume="auto", **common))
+    a, b = weights(tmp_path / "full"), weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

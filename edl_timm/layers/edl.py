@@ -316,6 +316,12 @@ class _EDLMixin:
             u = torch.randn([1] + shape, generator=g, dtype=torch.float64)
             num_iters = num_iters or POWER_ITERS_INIT
         u = u.to(device=w.device, dtype=w.dtype)
+        if u.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
+            # the weight's layout, whatever u's: a resumed run (u loaded from a checkpoint, which
+            # keeps no strides) must convolve exactly as the uninterrupted one did
+            u = u.contiguous(memory_format=torch.channels_last)
+        else:
+            u = u.contiguous()
         with torch.autocast(device_type=w.device.type, enabled=False):
             for _ in range(num_iters or 1):
                 u = u / u.norm().clamp_min(1e-12)
