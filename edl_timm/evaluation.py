@@ -7,6 +7,7 @@ to be deterministic before it is attacked.
 import contextlib
 import datetime
 import logging
+import os
 import platform
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -36,7 +37,10 @@ def _progress(iterable, desc: str, verbose: bool, total: Optional[int] = None):
 def pixel_model(model: nn.Module) -> Normalized:
     """``model`` in eval mode behind its pretrained config's normalisation (inputs in [0, 1])."""
     cfg = getattr(model, "pretrained_cfg", {}) or {}
-    return Normalized(model, cfg.get("mean", (0.0, 0.0, 0.0)), cfg.get("std", (1.0, 1.0, 1.0))).eval()
+    net = Normalized(model, cfg.get("mean", (0.0, 0.0, 0.0)), cfg.get("std", (1.0, 1.0, 1.0))).eval()
+    param = next(model.parameters(), None)
+    # the normalisation's buffers where the model is (a CUDA model: x_cuda - mean_cpu would fail)
+    return net.to(param.device) if param is not None else net
 
 
 def _batches(n: int, batch_size: int):
@@ -54,10 +58,25 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return 100.0 * (predict(model, x, batch_size) == y).float().mean().item()
 
 
+@contextlib.contextmanager
+def deterministic_kernels():
+    """cuDNN's deterministic convolution algorithms inside the block (its default ones may sum in
+    a different order from call to call, so two forwards of an honest model can differ in the
+    last bit); the CPU's kernels are deterministic already."""
+    import torch.backends.cudnn as cudnn
+
+    before = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = before
+
+
 def check_deterministic(model: nn.Module, x: torch.Tensor) -> None:
     """Two forwards of the same batch must agree exactly; a randomised or stateful model needs an
     EOT evaluation that this evaluator does not do."""
-    with torch.no_grad():
+    with torch.no_grad(), deterministic_kernels():
         a, b = model(x), model(x)
     if not torch.equal(a, b):
         raise RuntimeError(
@@ -310,8 +329,10 @@ def _plot_sweep(curve: List[Dict[str, float]], path: str, eps: float, norm: str)
     ax.set_title("accuracy must fall to ~0 as eps grows")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    tmp = f"{path}.tmp.png"  # written whole, then renamed: a killed evaluation leaves no half plot
+    fig.savefig(tmp)
     plt.close(fig)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +412,7 @@ def _versions() -> Dict[str, str]:
     return out
 
 
+@deterministic_kernels()  # every attack and forward of the report, so that it can be reproduced
 def evaluate(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, source: str, eps: float = 8 / 255, norm: str = "Linf",
     pgd_steps: int = 20, pgd_step_size: Optional[float] = None, restarts: int = 1, autoattack: Optional[str] = "standard",

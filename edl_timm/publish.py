@@ -206,19 +206,31 @@ def build_release(
     }
     if output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(f"{output_dir} is not empty: choose a new --output-dir (nothing was overwritten)")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(weights, output_dir / "model.safetensors")
-    shutil.copyfile(train_dir / "config.json", output_dir / "config.json")
-    (output_dir / "eval_report.json").write_text(json.dumps(report, indent=2))
-    (output_dir / "README.md").write_text(model_card(cfg, report, args))
-    configs_dir = Path(hub_configs_dir) if hub_configs_dir else output_dir
-    configs_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = configs_dir / f"{arch}.{tag}.yaml"
-    validate_hub_config(dict(cfg), cfg_path)  # the same validation as the shipped files get
+    cfg_name = f"{arch}.{tag}.yaml"
+    validate_hub_config(dict(cfg), Path(hub_configs_dir or output_dir) / cfg_name)  # as the shipped files are
     header = f"# written by scripts/push_to_hub.py on {datetime.date.today().isoformat()}\n"
-    tmp = cfg_path.with_name(cfg_path.name + ".tmp")
-    tmp.write_text(header + yaml.safe_dump(cfg, sort_keys=False))
-    os.replace(tmp, cfg_path)
+    cfg_text = header + yaml.safe_dump(cfg, sort_keys=False)
+    # The release is built in a hidden sibling folder and renamed into place once complete, so a
+    # killed publish leaves no half-written release (the hidden folder is replaced by the next try);
+    # the hub_configs file follows it, itself written whole and renamed.
+    partial = output_dir.with_name(f".{output_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    shutil.copyfile(weights, partial / "model.safetensors")
+    shutil.copyfile(train_dir / "config.json", partial / "config.json")
+    (partial / "eval_report.json").write_text(json.dumps(report, indent=2))
+    (partial / "README.md").write_text(model_card(cfg, report, args))
+    if not hub_configs_dir:
+        (partial / cfg_name).write_text(cfg_text)
+    if output_dir.exists():
+        output_dir.rmdir()  # empty, checked above
+    os.replace(partial, output_dir)
+    if hub_configs_dir:
+        cfg_path = Path(hub_configs_dir) / cfg_name
+        cfg_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cfg_path.with_name(cfg_path.name + ".tmp")
+        tmp.write_text(cfg_text)
+        os.replace(tmp, cfg_path)
     return cfg
 
 

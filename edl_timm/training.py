@@ -129,12 +129,18 @@ def _load_data(cfg: TrainConfig, split: str, subset: Optional[int], seed: int):
         ) from e
 
 
-def _fit_size(images: torch.Tensor, size) -> torch.Tensor:
-    """Resize uint8 images to the model's input size (timm's data config) when they differ."""
+def _fit_size(images: torch.Tensor, size, chunk: int = 256) -> torch.Tensor:
+    """Resize uint8 images to the model's input size (timm's data config) when they differ, a
+    chunk at a time into a uint8 result: only a chunk is ever held in float (CIFAR's 50,000 at
+    224 px would be 30 GB of float32 at once, 7.5 GB as uint8)."""
     if tuple(images.shape[-2:]) == tuple(size):
         return images
-    out = F.interpolate(images.float(), size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
-    return out.round().clamp(0, 255).to(torch.uint8)
+    out = torch.empty((*images.shape[:-2], *size), dtype=torch.uint8)
+    for a in range(0, len(images), chunk):
+        part = F.interpolate(images[a:a + chunk].float(), size=tuple(size), mode="bilinear", antialias=True,
+                             align_corners=False)
+        out[a:a + chunk] = part.round_().clamp_(0, 255)
+    return out
 
 
 # ------------------------------------------------------------------------------------ the loop
@@ -169,7 +175,7 @@ def _evaluate(accelerator, net, images, labels, cfg: TrainConfig, batch_size: in
     """Clean and PGD accuracy on the held-out subset; ``gather_for_metrics`` counts every example
     exactly once across processes (it drops the padding of the last uneven batch)."""
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(len(labels))), batch_size=batch_size)
-    loader = accelerator.prepare_data_loader(loader)
+    loader = accelerator.prepare_data_loader(loader, device_placement=False)  # indices stay on the host
     was_training = net.training
     net.eval()
     # float32 always: under --mixed-precision accelerate wraps forward in autocast and keeps the
@@ -178,7 +184,6 @@ def _evaluate(accelerator, net, images, labels, cfg: TrainConfig, batch_size: in
     correct = correct_adv = total = 0
     g = torch.Generator(device=accelerator.device).manual_seed(cfg.seed + 7)
     for (idx,) in loader:
-        idx = idx.cpu()
         x = _to_layout(images[idx].to(accelerator.device).float().div_(255), cfg)
         y = labels[idx].to(accelerator.device)
         with torch.no_grad():
@@ -233,16 +238,30 @@ def _save_checkpoint(accelerator, net: nn.Module, output_dir: Path, state: Dict[
         accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        if (final / "trainer_state.json").exists():
+            # the epoch-end checkpoint of a step that a --checkpoint-every one already holds: the
+            # files are the same (evaluation changes no state), only the position moves on; one
+            # atomic rename, where deleting the folder first would leave a moment with neither
+            _write_atomic(final / "trainer_state.json", json.dumps(state))
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            (tmp / "trainer_state.json").write_text(json.dumps(state))  # last: it marks the folder complete
+            os.replace(tmp, final)
         done = sorted((p for p in root.glob("step_*")), key=lambda p: int(p.name.split("_")[1]))
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _save_final(accelerator, model: nn.Module, output_dir: Path, cfg: TrainConfig, metrics: Dict[str, Any]) -> None:
+    """The weights, timm's config.json, args.json and, last, metrics.json, each renamed into place
+    from a temporary folder: a folder with metrics.json holds a finished run's complete output."""
     from timm.models._hub import save_for_hf
 
     if not accelerator.is_main_process:
@@ -256,11 +275,11 @@ def _save_final(accelerator, model: nn.Module, output_dir: Path, cfg: TrainConfi
         # the run ended before --elastic-from-epoch: what was trained (and must reload) is Vanilla DL
         model_args["mode"] = model.edl_cfg["mode"] = "vanilla"
     save_for_hf(model, tmp, model_args=model_args or None, safe_serialization=True)
+    (tmp / "args.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     for f in tmp.iterdir():
         os.replace(f, output_dir / f.name)
     tmp.rmdir()
-    (output_dir / "args.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2))
 
 
 class _SolverState:
@@ -344,27 +363,43 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         torch.utils.data.TensorDataset(torch.arange(len(train_y))), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed),
     )
-    net, optimizer, loader = accelerator.prepare(net, optimizer, loader)
+    net, optimizer = accelerator.prepare(net, optimizer)
+    # the loader yields indices into host tensors: kept on the host, where an index on the GPU
+    # would cost a blocking copy back every step
+    loader = accelerator.prepare_data_loader(loader, device_placement=False)
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_for_checkpointing(_SolverState(accelerator.unwrap_model(net)))
 
-    step, start_epoch, skip = 0, 0, 0
+    step, start_epoch, skip, last_loss, log_lines = 0, 0, 0, float("nan"), 0
+    ckpt = None
     if cfg.resume:
+        # "auto" with nothing saved yet (a run killed before its first checkpoint) starts afresh
         ckpt = _latest_checkpoint(output_dir) if cfg.resume == "auto" else Path(cfg.resume)
-        if ckpt is None or not (ckpt / "trainer_state.json").exists():
-            raise TrainingInputError(f"no complete checkpoint to resume from at {ckpt or output_dir / 'checkpoints'}")
+        if cfg.resume != "auto" and not (ckpt / "trainer_state.json").exists():
+            raise TrainingInputError(f"no complete checkpoint to resume from at {ckpt}")
+    if ckpt is not None:
         accelerator.load_state(str(ckpt))
         state = json.loads((ckpt / "trainer_state.json").read_text())
         step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
-    elif accelerator.is_main_process:
+        last_loss, log_lines = state.get("loss", float("nan")), state.get("log_lines", 0)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        # until this run's final save, the folder holds no finished run's output
+        (output_dir / "metrics.json").unlink(missing_ok=True)
     if cfg.log_with:
         accelerator.init_trackers("edl-timm", config={k: v for k, v in dataclasses.asdict(cfg).items()
                                                       if isinstance(v, (int, float, str, bool))})
     log_path = output_dir / "log.jsonl"
     metrics: Dict[str, Any] = {}
+    if accelerator.is_main_process:
+        # the log as it was at the checkpoint: records a killed run wrote after it are written again
+        kept = log_path.read_text().splitlines(keepends=True)[:log_lines] if log_path.exists() else []
+        _write_atomic(log_path, "".join(kept))
+    log_count = [log_lines]
 
     def log(record):
+        log_count[0] += 1
         if accelerator.is_main_process:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -391,7 +426,6 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             # reproduced exactly on resume without saving their state
             g = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * 64 + micro % cfg.grad_accum) * 4096
                                               + accelerator.process_index)
-            idx = idx.cpu()
             x = train_x[idx]
             if cfg.augment:
                 x = random_crop_flip(x, padding=max(x.shape[-1] // 8, 1), generator=g)
@@ -412,23 +446,26 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             batch_in_epoch += 1
             scheduler.step_update(num_updates=step)
             bar.update(1)
+            last_loss = loss.item()
             if step % 10 == 0 or step == total_steps:
-                log({"step": step, "epoch": epoch, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
+                log({"step": step, "epoch": epoch, "loss": last_loss, "lr": optimizer.param_groups[0]["lr"]})
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                _save_checkpoint(accelerator, net, output_dir, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch},
+                _save_checkpoint(accelerator, net, output_dir, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                                                                "loss": last_loss, "log_lines": log_count[0]},
                                  cfg.keep_checkpoints, cfg)
             if step >= total_steps:
                 done = True
                 break
         epoch_end = batch_in_epoch >= steps_per_epoch
         metrics = _evaluate(accelerator, net, eval_x, eval_y, cfg, cfg.batch_size)
-        metrics.update(step=step, epoch=epoch, loss=loss.item(), images_per_s=images_seen * accelerator.num_processes
+        metrics.update(step=step, epoch=epoch, loss=last_loss, images_per_s=images_seen * accelerator.num_processes
                        / max(time.time() - t0, 1e-9))
         log(dict(metrics))
         if epoch_end:
             epoch += 1
         if not done:
-            _save_checkpoint(accelerator, net, output_dir, {"step": step, "epoch": epoch, "batch_in_epoch": 0},
+            _save_checkpoint(accelerator, net, output_dir, {"step": step, "epoch": epoch, "batch_in_epoch": 0,
+                                                            "loss": last_loss, "log_lines": log_count[0]},
                              cfg.keep_checkpoints, cfg)
     bar.close()
     # every process must end with the same weights; a difference is a sharding or DDP bug

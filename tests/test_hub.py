@@ -156,6 +156,29 @@ def test_release_refuses_weights_that_were_not_evaluated(release, tmp_path):
     assert not (tmp_path / "again").exists()
 
 
+def test_a_publish_that_dies_midway_leaves_no_release_and_no_config(release, tmp_path, monkeypatch):
+    """The model card fails after the weights are copied: neither the release folder nor the
+    hub_configs file appears (the hidden partial folder is not a release), and the next try,
+    which finds the output folder absent, completes it."""
+    from edl_timm import publish
+
+    _, out, _, _ = release
+    report = json.loads((out / "eval_report.json").read_text())
+
+    def dies(*a, **k):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(publish, "model_card", dies)
+    with pytest.raises(KeyboardInterrupt):
+        build_release(tmp_path / "train", report, tmp_path / "second", "second", hub_configs_dir=tmp_path / "cfgs")
+    assert not (tmp_path / "second").exists() and not (tmp_path / "cfgs" / "edl_resnet18.second.yaml").exists()
+    monkeypatch.undo()
+    build_release(tmp_path / "train", report, tmp_path / "second", "second", hub_configs_dir=tmp_path / "cfgs")
+    assert sorted(p.name for p in (tmp_path / "second").iterdir()) == sorted(p.name for p in out.iterdir())
+    assert (tmp_path / "cfgs" / "edl_resnet18.second.yaml").exists()
+    assert not list(tmp_path.glob(".*partial"))
+
+
 @pytest.mark.parametrize("how", ["hf-hub", "registry", "local-dir"])
 def test_published_folder_loads_offline_identically(release, hf_cache, how):
     model, out, cfg, _ = release

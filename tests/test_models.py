@@ -1,4 +1,6 @@
 """The edl_* architectures behave as timm's model test-suite demands of a timm model."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -157,12 +159,22 @@ def test_channels_last_gives_the_same_output(name):
 
 @pytest.mark.parametrize("name", ARCHS)
 def test_torchscript_and_fx(name):
+    """TorchScript runs the eager solver (close); an fx graph, plain or timm's feature extractor,
+    runs each EDL layer whole and equals the module bit for bit, in eval and in training mode
+    (where both refresh the step size the same way)."""
+    from timm.models._features_fx import create_feature_extractor, get_graph_node_names
+
     model = create(name).eval()
     x = sample_input(model)
     with torch.no_grad():
         ref = model(x)
         torch.testing.assert_close(torch.jit.script(model)(x), ref)
-        torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), ref)
+        assert torch.equal(torch.fx.symbolic_trace(model)(x), ref)
+        last = get_graph_node_names(model)[0][-1]
+        assert torch.equal(create_feature_extractor(model, return_nodes=[last])(x)[last], ref)
+    traced = torch.fx.symbolic_trace(copy.deepcopy(model)).train()
+    model.train()
+    assert torch.equal(traced(x), model(x))
 
 
 @pytest.mark.slow

@@ -216,3 +216,54 @@ def test_bf16_channels_last_training_runs_fused_bf16_and_saves_the_usual_layout(
     train(TrainConfig(output_dir=str(resumed), resume="auto", **common))
     a, b = weights(tmp_path / "full"), weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+KILL_RUN = ["--epochs", "2", "--checkpoint-every", "3", "--adv", "fgsm", "--train-subset", "96", "--eval-subset", "16",
+            "--eval-pgd-steps", "2"]  # 6 steps an epoch: step 6 is both a --checkpoint-every and an epoch-end checkpoint
+
+
+def log_records(out):
+    """log.jsonl without its wall-clock field."""
+    return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"}
+            for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cifar_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    res = run_cli(base_args(cifar_dir, out, *KILL_RUN), env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase, n", [
+    ("step", 1),               # before any checkpoint: --resume auto starts afresh
+    ("step", 5),               # mid-epoch, after the step-3 checkpoint
+    ("checkpoint_write", 2),   # writing step 6 (the --checkpoint-every one)
+    ("checkpoint_write", 3),   # writing step 6's epoch-end position
+    ("after_checkpoint", 2),   # right after step 6's mid-epoch checkpoint, before the evaluation
+    ("after_checkpoint", 3),   # right after the epoch-end checkpoint
+    ("evaluation", 1),         # during the first epoch's evaluation
+    ("evaluation", 2),         # during the last one, after the last step
+    ("final_save", 1),         # while the final weights are being written
+])
+def test_kill_9_at_any_phase_then_resume_equals_an_uninterrupted_run(cifar_dir, tmp_path, uninterrupted, phase, n):
+    """tests/killpoint.py kills the run at each phase of its life; --resume auto then finishes it
+    with the uninterrupted run's weights and log, and the folder holds no finished run's output in
+    between (metrics.json, written last, is the mark of one)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "run"
+    killed = subprocess.run([sys.executable, str(ROOT / "tests" / "killpoint.py"), phase, str(n), "--",
+                             *base_args(cifar_dir, out, *KILL_RUN)], env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-3000:])
+    assert not (out / "metrics.json").exists()
+    resumed = run_cli(base_args(cifar_dir, out, *KILL_RUN, "--resume", "auto"), env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = weights(uninterrupted), weights(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert log_records(out) == log_records(uninterrupted)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["step"] == 12 and metrics["loss"] == json.loads((uninterrupted / "metrics.json").read_text())["loss"]

@@ -223,11 +223,13 @@ def _ptr(t: Optional[torch.Tensor]):
     return None if t is None else t.data_ptr()
 
 
-def _wanted(ctx, i: int) -> bool:
+def wanted(ctx, i: int) -> bool:
     """Whether this backward pass needs the gradient of input i. ``needs_input_grad`` only says
     whether the input requires grad; an attack's ``torch.autograd.grad(loss, x)`` wants x alone,
     and skipping the weight gradients there saves a third of the backward convolutions (PyTorch's
-    own convolution nodes skip them the same way). Same engine query as torch.utils.checkpoint."""
+    own convolution nodes skip them the same way). Same engine query as torch.utils.checkpoint.
+    ``ctx.edges`` maps input i to its edge (the tensor inputs, in order); the eager solver's
+    reweighting node asks it too."""
     if not ctx.needs_input_grad[i]:
         return False
     node = ctx.next_functions[ctx.edges[i]][0]  # next_functions has one edge per tensor input
@@ -303,7 +305,16 @@ class _FusedSolve(torch.autograd.Function):
             p = x
         ps, zs = [p], []
         fmt = _layout(x)
-        v = layer._analyze(p, dict_conv, None).contiguous(memory_format=fmt)
+        # bfloat16 convolutions subtract the threshold themselves (thr / m per atom, in oneDNN's
+        # float32 accumulator, free in its epilogue): v rounded to bfloat16 first and thresholded
+        # after would decide the code's zeros to within 2^-9 of m v instead of 2^-9 of m v - thr,
+        # and flip twice as many of them as autocast's own convolution does. Linear layers keep the
+        # threshold in the C pass: a bias in addmm costs a copy of the output.
+        an_bias = None
+        if x.dtype != torch.float32 and layer._analysis_takes_free_bias:
+            an_bias = torch.full((atoms,), -thr / mf, dtype=x.dtype)
+            thr = 0.0
+        v = layer._analyze(p, dict_conv, an_bias).contiguous(memory_format=fmt)
         out_block = v.numel() // blocks
         bias_block = None if bias is None else layer._bias_block(bias.detach(), v, fmt).float().contiguous()
         z = None
@@ -314,7 +325,7 @@ class _FusedSolve(torch.autograd.Function):
             k.edl_residual(q.data_ptr(), x.data_ptr(), _ptr(scale), blocks, in_block, lw, eps, int(has_rw))
             zs.append(z)
             ps.append(q)
-            v = layer._analyze(q, dict_conv, None).contiguous(memory_format=fmt)
+            v = layer._analyze(q, dict_conv, an_bias).contiguous(memory_format=fmt)
         k.edl_code(v.data_ptr(), _ptr(z), _ptr(scale), blocks, out_block, mf, thr, _ptr(bias_block))
 
         ctx.layer, ctx.steps, ctx.blocks, ctx.in_block, ctx.out_block = layer, steps, blocks, in_block, out_block
@@ -344,9 +355,9 @@ class _FusedSolve(torch.autograd.Function):
         n_named = sum(i is not None for i in ctx.slots.values())
         ps, zs = saved[n_named:n_named + steps], saved[n_named + steps:]
         k = kernels(x.dtype)
-        need_x = _wanted(ctx, 0)
-        need_lerp = has_rw and _wanted(ctx, 3)
-        need_dict = _wanted(ctx, 1) or _wanted(ctx, 2)  # the weight, or m (through beta)
+        need_x = wanted(ctx, 0)
+        need_lerp = has_rw and wanted(ctx, 3)
+        need_dict = wanted(ctx, 1) or wanted(ctx, 2)  # the weight, or m (through beta)
 
         fmt, wfmt = ctx.fmt, ctx.wfmt
         g = grad.to(x.dtype).contiguous(memory_format=fmt)
@@ -355,7 +366,7 @@ class _FusedSolve(torch.autograd.Function):
         # gv carries the factor m from here on: it is the gradient of the analysis output A(p_t)
         k.edl_out_grad(g.data_ptr(), out.data_ptr(), _ptr(scale), blocks, ctx.out_block, ctx.m, _ptr(bias_block),
                        gv.data_ptr(), _ptr(g_scale))
-        g_bias = layer._bias_grad(g) if bias_block is not None and _wanted(ctx, 4) else None
+        g_bias = layer._bias_grad(g) if bias_block is not None and wanted(ctx, 4) else None
         g_an, g_syn = [], []  # the dictionary's gradients from each analysis and each synthesis
         g_u = gx = None
         g_lw = 0.0

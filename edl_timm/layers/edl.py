@@ -60,6 +60,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from . import _fused
@@ -105,6 +106,7 @@ class _Reweight(torch.autograd.Function):
     def forward(ctx, r, w, eps: float):
         ctx.save_for_backward(r, w)
         ctx.eps = eps
+        ctx.edges = {0: 0, 1: 1}  # for _fused.wanted: both tensor inputs have an edge
         return torch.clamp(r, -eps, eps).lerp_(r, w.to(r.dtype))  # one allocation
 
     @staticmethod
@@ -121,8 +123,13 @@ class _Reweight(torch.autograd.Function):
                 grad_r = torch.where(inside, grad, grad * wr)
             return grad_r, grad_w, None
         buf = torch.clamp(r, -eps, eps)
-        if ctx.needs_input_grad[1]:
-            grad_w = (_dot(grad, r) - _dot(grad, buf)).to(w.dtype)
+        # an attack's autograd.grad(loss, x) wants no beta: skip its two reductions there
+        if _fused.wanted(ctx, 1):
+            if r.dtype in (torch.float32, torch.float64):
+                grad_w = (_dot(grad, r) - _dot(grad, buf)).to(w.dtype)
+            else:  # autocast's half types: one float32 sum of g (r - clamp(r)); the two dots
+                # rounded to 8 bits would cancel to noise where most residuals are inside the clamp
+                grad_w = (grad.float() * (r.float() - buf.float())).sum().to(w.dtype)
         if ctx.needs_input_grad[0]:
             # grad where |r| < eps, else 0 (written into buf), then lerp towards grad
             grad_r = torch.ops.aten.hardtanh_backward.grad_input(grad, r, -eps, eps, grad_input=buf)
@@ -131,7 +138,7 @@ class _Reweight(torch.autograd.Function):
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Sum of a*b, in one read-only pass when both have the same dense layout."""
+    """Sum of a*b (float32 or float64), in one read-only pass when both have the same dense layout."""
     if a.dtype == b.dtype and a.stride() == b.stride() and a.is_contiguous():
         return torch.dot(a.view(-1), b.view(-1)).float()
     return (a.float() * b.float()).sum()
@@ -193,6 +200,17 @@ def _floored_rms(norm: torch.Tensor, n: int) -> torch.Tensor:
     return torch.sqrt(rms * rms + 1e-10)
 
 
+def _whole_layer(layer: nn.Module, x: torch.Tensor, num_iters: Optional[int]) -> torch.Tensor:
+    """The layer's forward, called as one step of an fx graph (see ``_EDLMixin.forward``)."""
+    return layer(x, num_iters)
+
+
+# An fx-traced model must compute what the module computes, bit for bit: a graph traced into the
+# solver would run the eager solver where the module runs the fused one. So torch.fx records
+# each EDL layer as one call of _whole_layer, which runs the layer itself; timm's feature
+# extraction (its own tracer) keeps the layers whole as leaf modules, as it does its own
+# non-traceable layers. The wraps below keep the solver traceable for other tracers.
+torch.fx.wrap("_whole_layer")
 # Shape checks and shape-dependent padding read tensor sizes, and the hand-written backward must
 # survive tracing: torch.fx records these as calls instead of tracing into them.
 torch.fx.wrap("_reweight")
@@ -345,12 +363,15 @@ class _EDLMixin:
 
     # ----------------------------------------------------------------------------------- solver
     def forward(self, x: torch.Tensor, num_iters: Optional[int] = None) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if is_fx_symbolic_tracing():
+                return _whole_layer(self, x, num_iters)  # recorded as one call; runs this forward
         self._check_input(x)
         steps = self.num_iters if num_iters is None else num_iters
         if steps < 1:
             raise ValueError(f"num_iters must be >= 1, got {steps}")
-        if not torch.jit.is_scripting():  # scripted and fx-traced graphs keep the step size as it is
-            if self.training and not is_fx_symbolic_tracing():
+        if not torch.jit.is_scripting():  # a scripted layer keeps the step size as it is
+            if self.training:
                 self._refresh_step_size(x)
             if _fused.usable(self, x):  # same arithmetic, fused elementwise passes (CPU, float32 or bf16 autocast)
                 return _fused.solve(self, x, steps)
@@ -361,6 +382,11 @@ class _EDLMixin:
             z = self.solve(x, steps)
         if self.bias is not None:
             z = z + self._bias_view(self.bias)
+        if not torch.jit.is_scripting():
+            if torch.is_autocast_enabled(x.device.type):
+                # autocast keeps the input scale (a norm) in float32, which makes the code float32;
+                # give the layers after it the autocast type, as a convolution's output has
+                z = z.to(torch.get_autocast_dtype(x.device.type))
         return z
 
     def solve(self, x: torch.Tensor, num_iters: int) -> torch.Tensor:
@@ -505,6 +531,9 @@ class EDLConv2d(_EDLMixin, nn.Conv2d):
         layer.update_step_size(num_iters=POWER_ITERS_INIT)
         return layer
 
+    # the fused path may give _analyze a bias: oneDNN adds it in the convolution's epilogue
+    _analysis_takes_free_bias = True
+
     def _check_input(self, x: torch.Tensor) -> None:
         _check_conv_input(x, self.in_channels)
 
@@ -620,6 +649,8 @@ class EDLLinear(_EDLMixin, nn.Linear):
         layer.update_step_size(num_iters=POWER_ITERS_INIT)
         return layer
 
+    _analysis_takes_free_bias = False  # addmm's bias costs a copy of the output
+
     def _check_input(self, x: torch.Tensor) -> None:
         _check_linear_input(x, self.in_features)
 
@@ -666,6 +697,10 @@ class EDLLinear(_EDLMixin, nn.Linear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self._edl_repr()
+
+
+register_notrace_module(EDLConv2d)  # leaves of timm's fx feature extraction (see _whole_layer)
+register_notrace_module(EDLLinear)
 
 
 def is_edl_layer(module: nn.Module) -> bool:

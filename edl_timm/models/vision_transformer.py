@@ -38,7 +38,8 @@ def _create_edl_vit(variant: str, pretrained: bool = False, **kwargs) -> EDLVisi
 
 
 def _vit_cfg(**kwargs) -> Dict[str, Any]:
-    return cifar_cfg(pool_size=None, first_conv="patch_embed.proj", classifier="head", **kwargs)
+    # fixed_input_size as timm's own ViT configs: the position embedding has one size
+    return cifar_cfg(pool_size=None, first_conv="patch_embed.proj", classifier="head", fixed_input_size=True, **kwargs)
 
 
 default_cfgs = generate_edl_default_cfgs({
