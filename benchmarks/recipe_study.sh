@@ -10,7 +10,7 @@
 # one random start) and APGD-CE, all float32. Finished runs are skipped and unfinished ones resume from
 # their last checkpoint, so the script can be started again after an interruption.
 #
-#     bash benchmarks/recipe_study.sh [RUN_ROOT] [VARIANT ...]      # default runs/study, every variant
+#     [EVAL_N=1000] bash benchmarks/recipe_study.sh [RUN_ROOT] [VARIANT ...]   # default runs/study, every variant
 #     python benchmarks/recipe_table.py runs/study                   # the table (docs/results.md)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +37,7 @@ train() {  # name epochs model-kwargs... [-- extra train.py flags]
 evaluate() {  # name
     local name=$1
     [ -f "$root/$name/eval_report.json" ] && return 0
-    python scripts/evaluate.py --model "$root/$name" --dataset "$data" --n 1000 --autoattack custom \
+    python scripts/evaluate.py --model "$root/$name" --dataset "$data" --n "${EVAL_N:-1000}" --autoattack custom \
         --aa-attacks apgd-ce --output "$root/$name/eval_report.json" --quiet
 }
 
@@ -59,7 +59,7 @@ run() {  # name: one variant, trained then evaluated
 }
 
 variants=("$@")
-[ ${#variants[@]} -gt 0 ] || variants=(twin edl convert_plus1 twin_plus1 edl_t1 edl_eps03 edl_eps003 edl_lam0 edl_vanilla2)
+[ ${#variants[@]} -gt 0 ] || variants=(twin edl twin_plus1 convert_plus1 edl_t1 edl_vanilla2 edl_eps03 edl_eps003 edl_lam0)
 mkdir -p "$root"
 for v in "${variants[@]}"; do
     echo "== $v $(date -u +%FT%TZ)"

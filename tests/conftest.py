@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 
@@ -19,6 +21,22 @@ from pathlib import Path  # noqa: E402
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 # a narrow ResNet-18 with one block per stage: trains in seconds on a CPU
 TINY = {"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128)}
+
+
+def pytest_sessionstart(session):
+    """In CI (CI set, as .ci/run sets it) a run that would skip the data tests or the fused path is
+    not green: it stops at once and says why. Elsewhere those tests skip with their reason (-rs)."""
+    if not os.environ.get("CI"):
+        return
+    from edl_timm.layers import _fused
+
+    problems = []
+    if not CIFAR.is_dir():
+        problems.append(f"real CIFAR-10 not found at {CIFAR} (the parquet copy the data tests read)")
+    if _fused.library() is None:
+        problems.append(f"the fused CPU kernels could not be built ({_fused._load_failed})")
+    if problems:
+        pytest.exit("CI: " + "; ".join(problems), returncode=1)
 
 
 @pytest.fixture(scope="session")

@@ -320,6 +320,8 @@ class _EDLMixin:
         ``input_shape`` (one sample, without the batch dimension) fixes the operator's input size
         for convolutions; by default the size of the last training input, or an 8x8 reference.
         """
+        if self.weight.device.type == "meta":  # no values to iterate on (a model built for its shapes)
+            return
         shape = list(input_shape) if input_shape is not None else self._power_shape(None)
         w = self.weight.detach()
         w = w.to(torch.promote_types(w.dtype, torch.float32))  # at least fp32, fp64 for fp64 layers
@@ -383,7 +385,7 @@ class _EDLMixin:
         if self.bias is not None:
             z = z + self._bias_view(self.bias)
         if not torch.jit.is_scripting():
-            if torch.is_autocast_enabled(x.device.type):
+            if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
                 # autocast keeps the input scale (a norm) in float32, which makes the code float32;
                 # give the layers after it the autocast type, as a convolution's output has
                 z = z.to(torch.get_autocast_dtype(x.device.type))

@@ -30,7 +30,8 @@ class EDLResNet(ResNet):
     def __init__(self, *args, mode: str = "elastic", edl_args: Optional[Dict[str, Any]] = None, **kwargs):
         super().__init__(*args, **kwargs)
         stem_chs = self.bn1.num_features
-        self.conv1 = nn.Conv2d(self.in_chans, stem_chs, kernel_size=3, stride=1, padding=1, bias=False)
+        dd = {k: kwargs[k] for k in ("device", "dtype") if kwargs.get(k) is not None}  # as timm's layers take them
+        self.conv1 = nn.Conv2d(self.in_chans, stem_chs, kernel_size=3, stride=1, padding=1, bias=False, **dd)
         nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
         self.maxpool = nn.Identity()
         # the stem no longer downsamples by 4

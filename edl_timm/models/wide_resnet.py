@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, create_classifier
+from timm.layers import DropPath, create_classifier, get_act_layer, get_norm_layer
 from timm.models._features import feature_take_indices
 from timm.models import checkpoint_seq, register_model
 
@@ -33,17 +33,20 @@ class PreActBasicBlock(nn.Module):
         drop_path_rate: float = 0.0,
         act_layer=nn.ReLU,
         norm_layer=nn.BatchNorm2d,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
-        self.bn1 = norm_layer(in_chs)
+        dd = {"device": device, "dtype": dtype}
+        self.bn1 = norm_layer(in_chs, **dd)
         self.act1 = act_layer(inplace=True)
-        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = norm_layer(out_chs)
+        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False, **dd)
+        self.bn2 = norm_layer(out_chs, **dd)
         self.act2 = act_layer(inplace=True)
         self.drop = nn.Dropout(drop_rate)
-        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, stride=1, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, stride=1, padding=1, bias=False, **dd)
         self.shortcut = (
-            nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False) if in_chs != out_chs or stride != 1 else None
+            nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, **dd) if in_chs != out_chs or stride != 1 else None
         )
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
@@ -72,30 +75,37 @@ class EDLWideResNet(nn.Module):
         drop_rate: float = 0.0,
         block_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        act_layer=nn.ReLU,
-        norm_layer=nn.BatchNorm2d,
+        act_layer: Union[str, type] = nn.ReLU,
+        norm_layer: Union[str, type] = nn.BatchNorm2d,
         mode: str = "elastic",
         edl_args: Optional[Dict[str, Any]] = None,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
+        # names or classes, resolved as timm's own models resolve them; device/dtype to every layer
+        act_layer, norm_layer = get_act_layer(act_layer), get_norm_layer(norm_layer)
+        dd = {"device": device, "dtype": dtype}
         if depth < 10 or (depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n + 4 with n >= 1 (10, 16, 28, 34, ...), got {depth}")
         blocks_per_stage = (depth - 4) // 6
         widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
 
-        self.conv1 = nn.Conv2d(in_chans, 16, 3, stride=1, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_chans, 16, 3, stride=1, padding=1, bias=False, **dd)
         self.feature_info = [dict(num_chs=16, reduction=1, module="conv1")]
-        dpr = torch.linspace(0, drop_path_rate, 3 * blocks_per_stage).tolist()
+        n_blocks = 3 * blocks_per_stage  # drop-path rates rising linearly, as torch.linspace(0, rate, n)
+        dpr = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
         stages, in_chs, reduction = [], 16, 1
         for i, (width, stride) in enumerate(zip(widths, (1, 2, 2))):
             blocks = []
             for j in range(blocks_per_stage):
                 blocks.append(PreActBasicBlock(
                     in_chs, width, stride if j == 0 else 1, drop_rate=block_drop_rate,
-                    drop_path_rate=dpr[i * blocks_per_stage + j], act_layer=act_layer, norm_layer=norm_layer,
+                    drop_path_rate=dpr[i * blocks_per_stage + j], act_layer=act_layer, norm_layer=norm_layer, **dd,
                 ))
                 in_chs = width
             reduction *= stride
@@ -103,10 +113,10 @@ class EDLWideResNet(nn.Module):
             # the last level is read after the final norm + act, as forward_features returns it
             self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f"stages.{i}" if i < 2 else "act"))
         self.stages = nn.Sequential(*stages)
-        self.norm = norm_layer(in_chs)
+        self.norm = norm_layer(in_chs, **dd)
         self.act = act_layer(inplace=True)
         self.num_features = self.head_hidden_size = in_chs
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
         self._init_weights()
         apply_edl(self, mode, edl_args)
 
@@ -133,10 +143,15 @@ class EDLWideResNet(nn.Module):
         return self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new head; the pooling stays as it is unless ``global_pool`` is given. The new modules
+        take the model's device, dtype and train/eval state, as timm's models' heads do."""
         self.num_classes = num_classes
-        self.global_pool, self.fc = create_classifier(
-            self.num_features, num_classes, pool_type=global_pool if global_pool is not None else "avg"
-        )
+        ref = next(self.parameters())
+        pool = global_pool if global_pool is not None else self.global_pool.pool_type
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=pool,
+                                                      device=ref.device, dtype=ref.dtype)
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
 
     def forward_intermediates(
         self,
