@@ -32,7 +32,7 @@ def test_elastic_edl_trains_like_its_plain_twin():
     # 124 steps: EDL codes are small (they carry the step size, ~0.03 in the stem), and BatchNorm's
     # running variance needs ~90 steps at momentum 0.1 to forget its initial 1.0 (after 62 steps it
     # was still 12x the codes' variance and eval accuracy halved; batch statistics were fine).
-    args = SimpleNamespace(epochs=2, batch_size=32, lr=0.1, adv="none", seed=0)
+    args = SimpleNamespace(epochs=2, batch_size=32, lr=0.1, adv="none", seed=0, bf16=False)
     acc = {}
     for name, kwargs in (("twin", dict(mode="none")), ("edl", dict(mode="elastic"))):
         torch.manual_seed(0)
