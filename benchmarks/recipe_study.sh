@@ -26,7 +26,7 @@ train() {  # name epochs model-kwargs... [-- extra train.py flags]
     local kwargs=() extra=()
     while [ $# -gt 0 ] && [ "$1" != "--" ]; do kwargs+=("$1"); shift; done
     [ "${1:-}" = "--" ] && shift && extra=("$@")
-    [ -f "$root/$name/model.safetensors" ] && return 0
+    [ -f "$root/$name/metrics.json" ] && return 0  # written last: the run finished
     [ -d "$root/$name/checkpoints" ] || rm -rf "$root/$name"
     local t0=$SECONDS
     python scripts/train.py --model "${model:-edl_resnet18}" --model-kwargs "${kwargs[@]}" --epochs "$epochs" \
