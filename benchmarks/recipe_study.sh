@@ -2,6 +2,11 @@
 # Stage 1 of the real-weights work: which training route and which layer settings give the most
 # robust EDL network per CPU-hour, at a scale where the plain network reaches a real regime.
 #
+# Variants: the plain twin (mode=none); EDL from scratch with today's defaults (elastic, T = 2, eps 0.1,
+# lam 0.1, every 3x3 convolution and the stem); T = 1; Vanilla DL for 2 epochs then elastic; eps 0.3 and
+# 0.03; lam 0; EDL in the stem only; and the twin trained one more epoch at a low lr, against the twin
+# converted to elastic EDL and trained the same epoch (the "drop it into a trained model" route).
+#
 # Scale: the narrow CIFAR ResNet of benchmarks/learnability.py (timm's 64-channel stem, then
 # 16-32-64-128 channels, one block per stage), all 50,000 training images of the JPEG CIFAR-10
 # copy, FGSM-RS (eps 8/255, alpha 10/255), batch 128, SGD lr 0.1 with one warm-up epoch then cosine,
@@ -49,6 +54,7 @@ run() {  # name: one variant, trained then evaluated
         edl_eps03)      train edl_eps03 4 "${narrow[@]}" eps=0.3 ;;
         edl_eps003)     train edl_eps003 4 "${narrow[@]}" eps=0.03 ;;
         edl_lam0)       train edl_lam0 4 "${narrow[@]}" lam=0.0 ;;
+        edl_stem)       train edl_stem 4 "${narrow[@]}" edl_include=conv1 ;;
         edl_vanilla2)   train edl_vanilla2 4 "${narrow[@]}" -- --elastic-from-epoch 2 ;;
         twin_plus1)     train twin 4 "${narrow[@]}" mode=none &&
                         model="$root/twin" train twin_plus1 1 mode=none -- --warmup-epochs 0 --lr 0.02 ;;
@@ -59,7 +65,7 @@ run() {  # name: one variant, trained then evaluated
 }
 
 variants=("$@")
-[ ${#variants[@]} -gt 0 ] || variants=(twin edl twin_plus1 convert_plus1 edl_t1 edl_vanilla2 edl_eps03 edl_eps003 edl_lam0)
+[ ${#variants[@]} -gt 0 ] || variants=(twin edl twin_plus1 convert_plus1 edl_t1 edl_vanilla2 edl_eps03 edl_eps003 edl_lam0 edl_stem)
 mkdir -p "$root"
 for v in "${variants[@]}"; do
     echo "== $v $(date -u +%FT%TZ)"

@@ -31,10 +31,12 @@ import torch.nn as nn
 
 from .layers import EDL_MODES, EDLConv2d, EDLLinear, is_edl_layer
 
-__all__ = ["convert", "default_selection", "split_edl_args", "MODEL_MODES", "EDL_ARG_NAMES"]
+__all__ = ["convert", "default_selection", "split_edl_args", "MODEL_MODES", "EDL_ARG_NAMES", "SELECTION_ARG_NAMES"]
 
 MODEL_MODES = EDL_MODES + ("none",)
 EDL_ARG_NAMES = ("num_iters", "lam", "beta_init", "eps", "nonneg", "normalize_atoms", "normalize_input")
+# model arguments of the edl_* families that choose which layers become EDL: convert's include / exclude
+SELECTION_ARG_NAMES = {"edl_include": "include", "edl_exclude": "exclude"}
 
 Patterns = Optional[Union[str, Sequence[str]]]
 
@@ -52,8 +54,9 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 
 
 def split_edl_args(kwargs: dict) -> dict:
-    """Pop the EDL layer arguments out of a model's keyword arguments."""
-    return {k: kwargs.pop(k) for k in EDL_ARG_NAMES if k in kwargs}
+    """Pop the EDL arguments out of a model's keyword arguments: the layer arguments, and the layer
+    selection (``edl_include`` / ``edl_exclude``, fnmatch patterns as ``convert`` takes them)."""
+    return {k: kwargs.pop(k) for k in EDL_ARG_NAMES + tuple(SELECTION_ARG_NAMES) if k in kwargs}
 
 
 def default_selection(name: str, module: nn.Module) -> bool:

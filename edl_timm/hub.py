@@ -24,7 +24,7 @@ __all__ = [
     "CheckpointError", "HubConfigError", "WeightsUnavailableError", "DEFAULT_ORG",
     "hub_config_files", "load_hub_config", "validate_hub_config", "load_hub_configs", "pretrained_cfgs_for",
     "hub_model_args", "install_into_cache", "create_model", "check_checkpoint_folder",
-    "sha256_file",
+    "sha256_file", "release_folder", "RELEASES_ENV",
 ]
 
 DEFAULT_ORG = "edl-timm"
@@ -195,6 +195,30 @@ def install_into_cache(folder: os.PathLike, repo_id: str, cache_dir: Optional[os
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / revision).write_text(commit)
     return snapshot
+
+
+# ---------------------------------------------------------------------------------------------
+# release folders
+
+RELEASES_ENV = "EDL_TIMM_RELEASES"
+
+
+def release_folder(architecture: str, tag: Optional[str]) -> Optional[Path]:
+    """The release folder ``<architecture>.<tag>`` (exactly what is uploaded to the tag's Hub
+    repository) of ``$EDL_TIMM_RELEASES``, else of the ``releases/`` folder of the source checkout
+    this package runs from (an editable install of a clone); None when neither has it.
+
+    ``pretrained=True`` asks the Hub (or its cache) first, so the Hub's copy is the one used wherever
+    it can be had; the release folder serves a clone without network, and a tag not uploaded yet."""
+    if not tag:
+        return None
+    roots = [Path(os.environ[RELEASES_ENV])] if os.environ.get(RELEASES_ENV) else []
+    roots.append(Path(__file__).resolve().parent.parent / "releases")
+    for root in roots:
+        folder = root / f"{architecture}.{tag}"
+        if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
+            return folder
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -315,3 +315,80 @@ def test_full_pipeline_train_evaluate_publish_load_offline(tiny_run, cifar_dir, 
     card = yaml.safe_load((tmp_path / "rel" / "README.md").read_text().split("---")[1])
     card_clean = card["model-index"][0]["results"][0]["metrics"][0]["value"]
     assert abs(accuracy(pixel_model(loaded), x.float() / 255, y) - card_clean) <= 1.0
+
+
+# ------------------------------------------------------------------------- the Hub's download path and release folders
+
+_LOAD = """
+import sys, torch, timm, edl_timm
+model = timm.create_model("edl_resnet18", pretrained=True, mode="vanilla", num_iters=3, layers=(1, 1, 1, 1),
+                          channels=(16, 32, 64, 128), pretrained_cfg_overlay={"hf_hub_id": sys.argv[1], "tag": "unit"})
+torch.save(model.eval()(torch.load(sys.argv[2])).detach(), sys.argv[3])
+"""
+
+
+def _load_in_fresh_process(tmp_path, repo, endpoint, cache, releases):
+    """timm.create_model(..., pretrained=True) in a new interpreter whose huggingface_hub reads HF_ENDPOINT
+    and the cache location from the environment, as a user's does; returns its logits on a fixed batch."""
+    env = dict(os.environ, HF_ENDPOINT=endpoint, HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "hf_home"))
+    env.pop("HF_HUB_OFFLINE", None)
+    env[hub.RELEASES_ENV] = str(releases)
+    x, out = tmp_path / "x.pt", tmp_path / "logits.pt"
+    torch.save(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), x)
+    done = subprocess.run([sys.executable, "-c", _LOAD, repo, str(x), str(out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out), torch.load(x), done.stderr
+
+
+def test_pretrained_downloads_through_hf_endpoint_then_loads_from_cache_without_it(release, tmp_path):
+    from hub_standin import HubStandIn
+
+    model, out, cfg, _ = release
+    repo, cache = cfg["hf_hub_id"], tmp_path / "empty_cache"
+    with HubStandIn({repo: out}) as standin:
+        logits, x, _ = _load_in_fresh_process(tmp_path, repo, standin.endpoint, cache, tmp_path / "no_releases")
+        assert f"GET /{repo}/resolve/main/model.safetensors" in standin.requests
+    with torch.no_grad():
+        assert torch.equal(logits, model(x))
+    blobs = list((cache / ("models--" + repo.replace("/", "--")) / "blobs").iterdir())
+    assert hub.sha256_file(out / "model.safetensors") in [b.name for b in blobs]
+    # the stand-in is gone: the Hub is unreachable, and the cached download serves the same call
+    again, _, _ = _load_in_fresh_process(tmp_path, repo, standin.endpoint, cache, tmp_path / "no_releases")
+    assert torch.equal(again, logits)
+
+
+def test_a_tag_the_hub_does_not_have_loads_its_release_folder(release, tmp_path):
+    """Reachable Hub without the repository (not uploaded yet): the release folder serves the tag."""
+    import shutil
+
+    from hub_standin import HubStandIn
+
+    model, out, cfg, _ = release
+    releases = tmp_path / "releases"
+    shutil.copytree(out, releases / "edl_resnet18.unit")
+    with HubStandIn({}) as standin:
+        logits, x, log = _load_in_fresh_process(tmp_path, cfg["hf_hub_id"], standin.endpoint, tmp_path / "c", releases)
+        assert any("model.safetensors" in r for r in standin.requests)  # the Hub was asked first
+    assert "loading the release folder" in log
+    with torch.no_grad():
+        assert torch.equal(logits, model(x))
+
+
+def test_offline_with_nothing_cached_loads_the_release_folder(release, hf_cache, tmp_path, monkeypatch):
+    import shutil
+
+    model, out, cfg, _ = release
+    kwargs = dict(mode="vanilla", num_iters=3, **TINY, pretrained_cfg_overlay={"hf_hub_id": cfg["hf_hub_id"], "tag": "unit"})
+    with pytest.raises(hub.WeightsUnavailableError):  # no release folder either: the error with its remedies
+        timm.create_model("edl_resnet18", pretrained=True, **kwargs)
+    monkeypatch.setenv(hub.RELEASES_ENV, str(tmp_path / "releases"))
+    shutil.copytree(out, tmp_path / "releases" / "edl_resnet18.unit")
+    loaded = timm.create_model("edl_resnet18", pretrained=True, **kwargs).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert not list(hf_cache.iterdir())  # the release is read where it is, not copied into the cache
+    (tmp_path / "releases" / "edl_resnet18.unit" / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(hub.CheckpointError, match="truncated or corrupted"):
+        timm.create_model("edl_resnet18", pretrained=True, **kwargs)

@@ -74,6 +74,27 @@ def test_forward_matches_dense_recursion(kind, beta, steps, eps, nonneg):
     assert (z != 0).any(), "the test must exercise non-zero codes"
 
 
+@pytest.mark.parametrize("kind", ["conv_s2", "linear"])
+def test_residuals_are_the_dense_recursions_residuals(kind):
+    layer, in_shape = make_layer(kind, 0.3, eps=0.05, nonneg=True, lam=0.05)
+    M = dense_analysis(layer, in_shape)
+    x = F.relu(torch.randn(3, *in_shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    res = layer.residuals(x, num_iters=3)
+    assert len(res) == 3 and all(r.shape == x.shape for r in res)
+    tau = float(layer.step_size)
+    for t in range(3):
+        for i in range(x.shape[0]):
+            z_t = reference_rista(M, x[i].flatten().numpy(), 0.3, layer.lam, 0.05, tau, t, True)
+            np.testing.assert_allclose(res[t][i].flatten().numpy(), x[i].flatten().numpy() - M.T @ z_t, atol=1e-10)
+    assert not torch.equal(res[1], res[0])
+    # with normalize_input the residuals are those of x / RMS(x), the units eps is measured in
+    layer.normalize_input = True
+    rms = x.flatten(1).pow(2).mean(1).sqrt().view(-1, *[1] * len(in_shape))
+    scaled = layer.residuals(5.0 * x)
+    layer.normalize_input = False
+    torch.testing.assert_close(scaled[-1], layer.residuals(x / rms)[-1], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["conv", "linear"])
 def test_normalized_input_codes_x_over_its_rms_and_rescales(kind):
     torch.manual_seed(0)

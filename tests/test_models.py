@@ -238,3 +238,22 @@ def test_vit_edl_layers_are_patch_embedding_and_mlp_fc1():
     edl = sorted(n for n, m in model.named_modules() if is_edl_layer(m))
     assert edl == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1", "blocks.2.mlp.fc1", "patch_embed.proj"]
     assert isinstance(model.patch_embed.proj, EDLConv2d) and isinstance(model.blocks[0].mlp.fc1, EDLLinear)
+
+
+def test_layer_selection_arguments_choose_the_edl_layers_and_reload(tmp_path):
+    from timm.models._hub import save_for_hf
+
+    stem = timm.create_model("edl_resnet18", edl_include="conv1", num_iters=1)
+    assert sorted(n for n, m in stem.named_modules() if is_edl_layer(m)) == ["conv1"]
+    assert stem.conv1.num_iters == 1 and type(stem.layer1[0].conv1) is nn.Conv2d
+    no_stem = timm.create_model("edl_resnet18", edl_exclude=["conv1", "layer4.*"])
+    edl = sorted(n for n, m in no_stem.named_modules() if is_edl_layer(m))
+    assert len(edl) == 12 and "conv1" not in edl and not any(n.startswith("layer4") for n in edl)
+    # the selection is part of the recorded arguments, so a saved model rebuilds with the same layers
+    save_for_hf(stem, tmp_path, model_args=stem.edl_cfg, safe_serialization=True)
+    again = timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
+    assert sorted(n for n, m in again.named_modules() if is_edl_layer(m)) == ["conv1"]
+    x = sample_input(stem)
+    assert torch.equal(again.eval()(x), stem.eval()(x))
+    with pytest.raises(ValueError, match="matched no nn.Conv2d"):
+        timm.create_model("edl_resnet18", edl_include="stem")

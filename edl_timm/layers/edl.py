@@ -419,6 +419,21 @@ class _EDLMixin:
                 z = v - torch.clamp(v, -thr, thr)
         return z
 
+    @torch.no_grad()
+    def residuals(self, x: torch.Tensor, num_iters: Optional[int] = None) -> List[torch.Tensor]:
+        """Diagnostics: the residual ``r_t = x - A*(z_t)`` that RISTA step t reweights, for t = 0 .. T-1,
+        in the units ``eps`` is measured in (the input divided by its RMS when ``normalize_input``).
+        Where ``|r_t| > eps`` the elastic fidelity acts as l1 (bounded influence), below it as l2.
+        Eager arithmetic in the weight's dtype, without gradients; no state changes."""
+        self._check_input(x)
+        steps = self.num_iters if num_iters is None else num_iters
+        x = x.to(self.weight.dtype)
+        if self.normalize_input:
+            x = x / self._input_scale(x)
+        w_neg = self._operators(True)[0]
+        # z_t by the solver itself, t steps at a time (T is at most a few: the repeated work is cheap)
+        return [x.clone()] + [self._synthesize(self.solve(x, t), w_neg, x).add_(x) for t in range(1, steps)]
+
     def _operators(self, with_synthesis: bool = True) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(negated synthesis dictionary, analysis weight with tau and the reweighting scale folded
         in, lerp weight of the reweighting or None when beta = 1); see ``_scalars``."""

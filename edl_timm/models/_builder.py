@@ -1,5 +1,6 @@
 """Shared pieces of the EDL model families: the pretrained-config template and the builder."""
 import contextlib
+import logging
 from typing import Any, Dict, Optional
 
 import torch.nn as nn
@@ -7,8 +8,13 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._builder import resolve_pretrained_cfg
 
-from ..convert import convert, split_edl_args
-from ..hub import hub_access, hub_model_args, pretrained_cfgs_for, translate_load_errors
+from ..convert import SELECTION_ARG_NAMES, convert, split_edl_args
+from ..hub import (
+    WeightsUnavailableError, check_checkpoint_folder, hub_access, hub_model_args, pretrained_cfgs_for, release_folder,
+    translate_load_errors,
+)
+
+_logger = logging.getLogger(__name__)
 
 __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "PAPER_ID", "apply_edl", "cifar_cfg", "build_edl_model", "generate_edl_default_cfgs",
@@ -51,7 +57,8 @@ def apply_edl(model: nn.Module, mode: str, edl_args: Optional[Dict[str, Any]]) -
     ``model.edl_cfg`` (what a saved config needs to rebuild it)."""
     edl_args = dict(edl_args or {})
     model.edl_cfg = dict(mode=mode, **edl_args)
-    convert(model, mode=mode, inplace=True, **edl_args)
+    selection = {SELECTION_ARG_NAMES[k]: edl_args.pop(k) for k in list(edl_args) if k in SELECTION_ARG_NAMES}
+    convert(model, mode=mode, inplace=True, **selection, **edl_args)
 
 
 def _has_weights(cfg) -> bool:
@@ -60,8 +67,9 @@ def _has_weights(cfg) -> bool:
 
 def build_edl_model(model_cls, variant: str, pretrained: bool = False, **kwargs):
     """``build_model_with_cfg`` plus what the EDL families add: EDL arguments are split off and
-    handed to the model as ``edl_args``, and ``pretrained=True`` without published weights is an
-    error (timm itself only logs a warning and returns random weights)."""
+    handed to the model as ``edl_args``, ``pretrained=True`` without published weights is an
+    error (timm itself only logs a warning and returns random weights), and a tag whose weights the
+    Hub cannot serve loads from its release folder when one is at hand (``hub.release_folder``)."""
     cfg = resolve_pretrained_cfg(
         variant, pretrained_cfg=kwargs.get("pretrained_cfg"), pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")
     )
@@ -79,6 +87,25 @@ def build_edl_model(model_cls, variant: str, pretrained: bool = False, **kwargs)
     if not pretrained:
         return build_model_with_cfg(model_cls, variant, pretrained, edl_args=edl_args, **kwargs)
     source = cfg.hf_hub_id or cfg.file or variant
-    access = hub_access(cfg.hf_hub_id) if cfg.hf_hub_id and not cfg.file else contextlib.nullcontext()
-    with access, translate_load_errors(source):
-        return build_model_with_cfg(model_cls, variant, pretrained, edl_args=edl_args, **kwargs)
+    from_hub = bool(cfg.hf_hub_id and not cfg.file)
+    release = release_folder(variant, cfg.tag) if from_hub else None
+    try:
+        with hub_access(cfg.hf_hub_id) if from_hub else contextlib.nullcontext(), translate_load_errors(source):
+            return build_model_with_cfg(model_cls, variant, pretrained, edl_args=dict(edl_args), **kwargs)
+    except Exception as e:
+        if release is None or not _not_on_hub(e):
+            raise
+        # The Hub cannot serve these weights (no network and no cached copy, or not uploaded yet), but
+        # this source checkout carries the release folder that is (or will be) uploaded unchanged.
+        _logger.warning("%s: %s; loading the release folder %s instead", source, type(e).__name__, release)
+    check_checkpoint_folder(release)
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {}, file=str(release / "model.safetensors"))
+    with translate_load_errors(str(release)):
+        return build_model_with_cfg(model_cls, variant, pretrained, pretrained_cfg_overlay=overlay, edl_args=edl_args, **kwargs)
+
+
+def _not_on_hub(e: Exception) -> bool:
+    """The Hub cannot give the file: unreachable with nothing cached, or no such repository / file."""
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    return isinstance(e, (WeightsUnavailableError, EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError))
