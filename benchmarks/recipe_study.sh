@@ -59,7 +59,7 @@ run() {  # name: one variant, trained then evaluated
         twin_plus1)     train twin 4 "${narrow[@]}" mode=none &&
                         model="$root/twin" train twin_plus1 1 mode=none -- --warmup-epochs 0 --lr 0.02 ;;
         convert_plus1)  train twin 4 "${narrow[@]}" mode=none &&
-                        model="$root/twin" train convert_plus1 1 mode=elastic -- --warmup-epochs 0 --lr 0.02 ;;
+                        model="$root/twin" train convert_plus1 1 -- --convert elastic --warmup-epochs 0 --lr 0.02 ;;
         *) echo "unknown variant $1" >&2; return 2 ;;
     esac && evaluate "$1"
 }

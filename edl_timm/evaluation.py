@@ -459,7 +459,8 @@ def evaluate(
     report = {
         "schema": "edl-timm/eval-report/1",
         "model": {"source": source, "architecture": model.pretrained_cfg.get("architecture", type(model).__name__),
-                  "model_args": dict(getattr(model, "edl_cfg", {})), "weights_sha256": weights_sha256},
+                  "model_args": dict(getattr(model, "edl_cfg", None) or getattr(model, "edl_convert", None) or {}),
+                  "weights_sha256": weights_sha256},
         "data": dict(data or {"dataset": "tensors", "split": "test", "selection": f"the {n} given images"}, n=n),
         "threat_model": threat,
         "results": results,

@@ -306,7 +306,7 @@ def check_checkpoint_folder(folder: os.PathLike, require_edl: bool = True) -> Di
     arch = cfg.get("architecture")
     if not arch or not timm.is_model(arch):
         raise CheckpointError(f"{cfg_path}: architecture {arch!r} is not a registered timm model")
-    if require_edl and not arch.startswith("edl_"):
+    if require_edl and not arch.startswith("edl_") and not cfg.get("edl_convert"):
         raise CheckpointError(
             f"{cfg_path}: architecture {arch!r} is not an edl_* model; load it with timm.create_model directly"
         )
@@ -356,6 +356,31 @@ def translate_load_errors(source: str) -> Iterator[None]:
         raise new from e
 
 
+def _create_converted(folder: Path, cfg: Dict[str, Any], **kwargs):
+    """A timm model saved after ``edl_timm.convert`` (config.json's ``edl_convert``: the mode and the
+    EDL arguments): timm's loader cannot build it, as the architecture alone makes a plain model. It
+    is built plain, converted the same way, then given the saved weights (every key must match)."""
+    import timm
+    from safetensors.torch import load_file
+
+    from .convert import SELECTION_ARG_NAMES, convert
+
+    spec = dict(cfg["edl_convert"])
+    mode = spec.pop("mode")
+    selection = {SELECTION_ARG_NAMES[k]: spec.pop(k) for k in list(spec) if k in SELECTION_ARG_NAMES}
+    num_classes = kwargs.pop("num_classes", None)
+    model = timm.create_model(cfg["architecture"], pretrained=False, **{**(cfg.get("model_args") or {}), **kwargs,
+                                                                       "num_classes": cfg["num_classes"]})
+    convert(model, mode=mode, inplace=True, **selection, **spec)
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    model.edl_convert = dict(cfg["edl_convert"])
+    # the saved preprocessing (mean, std, input size) is the one the weights were trained with
+    model.pretrained_cfg = {**model.pretrained_cfg, **(cfg.get("pretrained_cfg") or {})}
+    if num_classes is not None and num_classes != model.num_classes:
+        model.reset_classifier(num_classes)
+    return model
+
+
 def create_model(name: str, pretrained: bool = False, require_edl: bool = True, **kwargs):
     """``timm.create_model`` for a registry name/tag, ``hf-hub:org/name`` or ``local-dir:/path``, with
     the checks above: the folder or cached snapshot is validated first, the Hub is not retried for
@@ -367,8 +392,10 @@ def create_model(name: str, pretrained: bool = False, require_edl: bool = True, 
         name = "local-dir:" + os.path.abspath(name)
     source, ident = parse_model_name(name)
     if source == "local-dir":
-        check_checkpoint_folder(ident, require_edl=require_edl)
+        cfg = check_checkpoint_folder(ident, require_edl=require_edl)
         with translate_load_errors(name):
+            if cfg.get("edl_convert"):
+                return _create_converted(Path(ident), cfg, **kwargs)
             return timm.create_model(name, pretrained=True, **kwargs)
     if source == "hf-hub":
         repo_id, _, revision = ident.partition("@")

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attacks import Normalized, fgsm_rs, pgd, trades_adversary
+from .convert import EDL_ARG_NAMES, MODEL_MODES, SELECTION_ARG_NAMES, convert
 from .data import load_image_split, random_crop_flip
 from .layers import edl_layers
 
@@ -41,6 +42,8 @@ class TrainConfig:
     output_dir: str = "runs/train"
     pretrained: bool = False
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    convert: Optional[str] = None
+    convert_args: Dict[str, Any] = field(default_factory=dict)
     num_classes: Optional[int] = None
     image_column: Optional[str] = None
     label_column: Optional[str] = None
@@ -107,6 +110,35 @@ def _build_model(cfg: TrainConfig, n_classes_data: int):
             f"the model's head has {model.num_classes} classes but the data set has {n_classes_data}: "
             f"pass --num-classes {n_classes_data} to replace the classifier"
         )
+    if cfg.convert:
+        model = _convert_model(model, cfg.convert, cfg.convert_args)
+    return model
+
+
+def _convert_model(model: nn.Module, mode: str, args: Dict[str, Any]) -> nn.Module:
+    """EDL layers in place of the model's convolutions (``edl_timm.convert``'s default selection,
+    or ``edl_include`` / ``edl_exclude`` in ``args``), keeping its trained weights.
+
+    An ``edl_*`` model (the plain twin, ``mode=none``) records the new mode and arguments as its model
+    arguments, so the saved folder rebuilds as an EDL model of its family. Any other timm model records
+    them as ``edl_convert`` in its config.json, which ``edl_timm.hub.create_model`` applies on load."""
+    from .models._builder import apply_edl  # the model families import the hub machinery: only when asked
+
+    if mode not in MODEL_MODES or mode == "none":
+        raise TrainingInputError(f"--convert takes one of {', '.join(m for m in MODEL_MODES if m != 'none')}, got {mode!r}")
+    unknown = sorted(set(args) - set(EDL_ARG_NAMES) - set(SELECTION_ARG_NAMES))
+    if unknown:
+        raise TrainingInputError(f"--convert-args: unknown {unknown}; known: {', '.join(EDL_ARG_NAMES + tuple(SELECTION_ARG_NAMES))}")
+    if edl_layers(model):
+        raise TrainingInputError("--convert: the model already has EDL layers; convert a plain model (an edl_* twin: mode=none)")
+    if hasattr(model, "edl_cfg"):  # an edl_* family model built with mode=none
+        apply_edl(model, mode, {**{k: v for k, v in model.edl_cfg.items() if k != "mode"}, **args})
+    else:
+        selection = {SELECTION_ARG_NAMES[k]: v for k, v in args.items() if k in SELECTION_ARG_NAMES}
+        convert(model, mode=mode, inplace=True, **selection, **{k: v for k, v in args.items() if k in EDL_ARG_NAMES})
+        model.edl_convert = dict(mode=mode, **args)
+    if not edl_layers(model):
+        raise TrainingInputError("--convert: no layer of the model was selected for conversion (see edl_timm.convert)")
     return model
 
 
@@ -274,7 +306,8 @@ def _save_final(accelerator, model: nn.Module, output_dir: Path, cfg: TrainConfi
     if model_args.get("mode") == "elastic" and modes == {"vanilla"}:
         # the run ended before --elastic-from-epoch: what was trained (and must reload) is Vanilla DL
         model_args["mode"] = model.edl_cfg["mode"] = "vanilla"
-    save_for_hf(model, tmp, model_args=model_args or None, safe_serialization=True)
+    extra = {"edl_convert": model.edl_convert} if getattr(model, "edl_convert", None) else None
+    save_for_hf(model, tmp, model_config=extra, model_args=model_args or None, safe_serialization=True)
     (tmp / "args.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     for f in tmp.iterdir():
         os.replace(f, output_dir / f.name)

@@ -27,7 +27,7 @@ def parse_kwargs(items):
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"error: --model-kwargs takes key=value pairs, got {item!r}")
+            raise SystemExit(f"error: --model-kwargs and --convert-args take key=value pairs, got {item!r}")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -40,6 +40,11 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="timm model name, arch.tag, hf-hub:org/name, local-dir:/path or a training output folder")
     p.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. mode=none num_iters=3")
     p.add_argument("--pretrained", action="store_true", help="start from the model's pretrained weights")
+    p.add_argument("--convert", default=None, metavar="MODE",
+                   help="turn the (plain, trained) model's convolutions into EDL layers of this mode (elastic, vanilla, "
+                        "robust) before training, keeping their weights; see edl_timm.convert")
+    p.add_argument("--convert-args", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="EDL arguments for --convert: num_iters, lam, eps, beta_init, ..., edl_include, edl_exclude")
     p.add_argument("--num-classes", type=int, default=None, help="a new classifier with this many classes")
     p.add_argument("--dataset", default="uoft-cs/cifar10", help="Hub id, local parquet folder or image folder")
     p.add_argument("--image-column", default=None)
@@ -80,7 +85,8 @@ def main(argv=None):
     p.add_argument("--log-with", default=None, help="an accelerate tracker, e.g. tensorboard")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k != "model_kwargs"}, model_kwargs=parse_kwargs(args.model_kwargs))
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k not in ("model_kwargs", "convert_args")},
+                      model_kwargs=parse_kwargs(args.model_kwargs), convert_args=parse_kwargs(args.convert_args))
     if cfg.optimizer == "momentum":
         cfg.optimizer = "sgd"
     if not torch.cuda.is_available():

@@ -98,6 +98,48 @@ def test_checkpoint_head_mismatch_and_fine_tuning_with_new_classes(cifar_dir, tm
     assert after["fc.weight"].shape == (10, 128)
 
 
+@pytest.mark.parametrize("source", ["edl_twin", "timm"])
+def test_convert_flag_makes_a_trained_plain_model_edl_and_the_output_reloads(cifar_dir, tmp_path, source):
+    """--convert on a plain checkpoint: the EDL layers start from its weights (lr 0 keeps them, so they
+    must equal the checkpoint's), train, and the saved folder rebuilds the converted model."""
+    from edl_timm import hub, is_edl_layer
+
+    torch.manual_seed(0)
+    if source == "edl_twin":
+        plain = timm.create_model("edl_resnet18", mode="none", **TINY)
+        model_args, expect = dict(plain.edl_cfg), 9  # the stem and the 8 3x3 convolutions
+    else:  # any timm model: a tiny timm ResNet at the CIFAR size
+        plain = timm.create_model("test_resnet", num_classes=10, pretrained_cfg_overlay=dict(input_size=(3, 32, 32)))
+        model_args, expect = None, 10
+    save_for_hf(plain, tmp_path / "plain", model_args=model_args, safe_serialization=True)
+    common = dict(dataset=str(cifar_dir), train_subset=64, eval_subset=16, batch_size=16, max_steps=2, quiet=True,
+                  lr=0.0, weight_decay=0.0)
+    train(TrainConfig(model=str(tmp_path / "plain"), convert="elastic", convert_args={"num_iters": 1},
+                      output_dir=str(tmp_path / "edl"), **common))
+    loaded = hub.create_model(str(tmp_path / "edl"), require_edl=True)
+    layers = {n: m for n, m in loaded.named_modules() if is_edl_layer(m)}
+    assert len(layers) == expect and all(m.mode == "elastic" and m.num_iters == 1 for m in layers.values())
+    saved, before = load_file(tmp_path / "edl" / "model.safetensors"), plain.state_dict()
+    for name in layers:
+        assert torch.equal(saved[f"{name}.weight"], before[f"{name}.weight"]), name
+        assert f"{name}.beta_logit" in saved
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items() if k in saved)
+    config = json.loads((tmp_path / "edl" / "config.json").read_text())
+    if source == "edl_twin":  # a family model records the new mode as its model argument
+        assert config["model_args"]["mode"] == "elastic" and "edl_convert" not in config
+        assert timm.create_model(f"local-dir:{tmp_path / 'edl'}", pretrained=True).conv1.num_iters == 1
+    else:
+        assert config["edl_convert"] == {"mode": "elastic", "num_iters": 1}
+        assert loaded.pretrained_cfg["input_size"] == (3, 32, 32) or list(loaded.pretrained_cfg["input_size"]) == [3, 32, 32]
+    with pytest.raises(TrainingInputError, match="already has EDL layers"):
+        train(TrainConfig(model=str(tmp_path / "edl"), convert="elastic", output_dir=str(tmp_path / "again"), **common))
+    with pytest.raises(TrainingInputError, match="--convert takes one of elastic, vanilla, robust"):
+        train(TrainConfig(model=str(tmp_path / "plain"), convert="sparse", output_dir=str(tmp_path / "bad"), **common))
+    with pytest.raises(TrainingInputError, match="unknown \\['iters'\\]"):
+        train(TrainConfig(model=str(tmp_path / "plain"), convert="elastic", convert_args={"iters": 1},
+                          output_dir=str(tmp_path / "bad2"), **common))
+
+
 def test_vanilla_then_elastic_schedule_trains_beta_only_after_the_switch(cifar_dir, tmp_path):
     metrics = train(TrainConfig(model="edl_resnet18", model_kwargs=dict(TINY), dataset=str(cifar_dir), output_dir=str(tmp_path),
                                 train_subset=64, eval_subset=16, batch_size=16, epochs=2, elastic_from_epoch=1, lr=0.5,
