@@ -17,18 +17,26 @@ def row(run: Path):
     betas = list(metrics.get("betas", {}).values())
     beta = f"{min(betas):.2f}-{max(betas):.2f}" if betas else ""
     kwargs = {k: v for k, v in args["model_kwargs"].items() if k not in ("layers", "channels")}
-    start = "" if args["model"].startswith("edl_") else f"from {Path(args['model']).name}, "
+    total = seconds
+    if args["model"].startswith("edl_"):
+        start = ""
+    else:  # fine-tuned from an earlier run of the study: its cost counts too
+        parent = Path(args["model"])
+        start = f"{parent.name} + "
+        total += float((parent / "train_seconds").read_text()) if (parent / "train_seconds").exists() else float("nan")
+    if args.get("convert"):
+        start += f"converted to {args['convert']}, "
     recipe = f"{start}{args['epochs']} ep" + (f", vanilla to epoch {args['elastic_from_epoch']}" if args["elastic_from_epoch"] else "")
     return (f"| {run.name} | {json.dumps(kwargs)[1:-1] or 'defaults'} | {recipe} | {acc['clean']:.1f} | {acc['pgd']:.1f} | "
-            f"{acc.get('autoattack', float('nan')):.1f} | {seconds / 60:.0f} | {beta} |")
+            f"{acc.get('autoattack', float('nan')):.1f} | {seconds / 60:.0f} | {total / 60:.0f} | {beta} |")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("root", type=Path)
     args = ap.parse_args()
-    print("| run | model kwargs | training | clean | PGD-20 | APGD-CE | train min | learned betas |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | model kwargs | training | clean | PGD-20 | APGD-CE | train min | total train min | learned betas |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for run in sorted(p for p in args.root.iterdir() if (p / "eval_report.json").exists()):
         print(row(run))
 

@@ -16,7 +16,7 @@ computed by T unrolled reweighted-ISTA (RISTA) steps from z_0 = 0::
     a_t*r_t = beta * r_t + (1-beta)/2 * r_t / max(|r_t|, eps)
     z_{t+1} = S_{lam*tau}(z_t + tau * A(a_t*r_t))          S: soft-threshold (relu(v - lam*tau) if nonneg)
 
-Choices where the method note is silent (each with its reason; see README "EDL layer defaults"):
+Choices where the method note is silent (each with its reason; see docs/method.md):
 
 * ``num_iters`` T = 2: SDNet's choice; one residual-feedback step on top of the first analysis,
   at 3 convolution-sized operations (the floor 2T-1).
