@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from edl_timm.attacks import pgd
+from edl_timm.attacks import pgd, pgd_step_size
 from edl_timm.convert import convert
 from edl_timm.data import load_image_split
 from edl_timm.evaluation import pixel_model
@@ -75,7 +75,7 @@ def diagnose(folder: str, images: torch.Tensor, labels: torch.Tensor, eps: float
     watch = _watched(timm_model)
     x = images.float() / 255
     g = torch.Generator().manual_seed(seed)
-    x_adv = pgd(net, x, labels, eps, 2.5 * eps / 20, 20, generator=g)
+    x_adv = pgd(net, x, labels, eps, pgd_step_size(eps, 20), 20, generator=g)
     with torch.no_grad():
         clean_acc = float((net(x).argmax(1) == labels).float().mean() * 100)
         adv_acc = float((net(x_adv).argmax(1) == labels).float().mean() * 100)

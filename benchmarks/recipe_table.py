@@ -13,7 +13,10 @@ def row(run: Path):
     args = json.loads((run / "args.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
     acc = {r["attack"]: r["accuracy"] for r in report["results"]}
-    seconds = float((run / "train_seconds").read_text()) if (run / "train_seconds").exists() else float("nan")
+    # the cost: the run's epochs at its measured throughput (its last uninterrupted segment, per-epoch
+    # evaluation included), so a run resumed after an interruption is costed as if it had not been
+    images = 50_000  # every study run trains on the whole training split
+    seconds = args["epochs"] * images / metrics["images_per_s"]
     betas = list(metrics.get("betas", {}).values())
     beta = f"{min(betas):.2f}-{max(betas):.2f}" if betas else ""
     kwargs = {k: v for k, v in args["model_kwargs"].items() if k not in ("layers", "channels")}
@@ -23,7 +26,8 @@ def row(run: Path):
     else:  # fine-tuned from an earlier run of the study: its cost counts too
         parent = Path(args["model"])
         start = f"{parent.name} + "
-        total += float((parent / "train_seconds").read_text()) if (parent / "train_seconds").exists() else float("nan")
+        parent_args = json.loads((parent / "args.json").read_text())
+        total += parent_args["epochs"] * images / json.loads((parent / "metrics.json").read_text())["images_per_s"]
     if args.get("convert"):
         start += f"converted to {args['convert']}, "
     recipe = f"{start}{args['epochs']} ep" + (f", vanilla to epoch {args['elastic_from_epoch']}" if args["elastic_from_epoch"] else "")

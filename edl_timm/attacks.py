@@ -9,7 +9,31 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Normalized", "parse_eps", "pgd", "fgsm_rs", "trades_adversary"]
+__all__ = ["Normalized", "parse_eps", "pgd", "fgsm_rs", "trades_adversary", "pgd_step_size", "REPORTED_ATTACKS",
+           "describe_attack"]
+
+# The attacks an evaluation report, a model card and a hub_configs metric may name, each with how it
+# is described from its settings: the one table evaluation, publishing and the hub configs read.
+REPORTED_ATTACKS = {
+    "clean": lambda s: "clean",
+    "pgd": lambda s: f"PGD-{s.get('steps', '?')}, {s.get('restarts', 1)} restart(s)",
+    "autoattack": lambda s: f"AutoAttack {s.get('version', 'standard')}" + (
+        f" ({', '.join(s['attacks'])})" if s.get("version") == "custom" and s.get("attacks") else ""),
+    "transfer": lambda s: f"transfer PGD from {s.get('surrogate', 'a surrogate')}",
+    "bpda": lambda s: "PGD with a straight-through (BPDA) backward",
+    "unrolled": lambda s: f"PGD through the solver unrolled to {s.get('num_iters', '?')} steps",
+}
+
+
+def describe_attack(attack: str, settings=None) -> str:
+    """A report result's attack in words, e.g. "PGD-20, 1 restart(s)"."""
+    return REPORTED_ATTACKS[attack](settings or {}) if attack in REPORTED_ATTACKS else attack
+
+
+def pgd_step_size(eps: float, steps: int) -> float:
+    """PGD's default step, 2.5 eps / steps (Madry et al.): enough to cross the ball in a few steps
+    from any start; eps itself for zero steps."""
+    return 2.5 * eps / steps if steps > 0 else eps
 
 
 class Normalized(nn.Module):
@@ -87,8 +111,8 @@ def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alph
 
 def trades_adversary(model: nn.Module, x: torch.Tensor, eps: float, alpha: float, steps: int,
                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """TRADES' inner maximisation (Zhang et al. 2019): L-inf PGD on KL(f(x') || f(x)), started at
-    x + 0.001 * N(0, 1)."""
+    """TRADES' inner maximisation (Zhang et al. 2019): L-inf PGD ascending KL(p(x) || p(x')), the
+    divergence of the prediction at x' from the clean one, started at x + 0.001 * N(0, 1)."""
     x = x.detach()
     with torch.no_grad():
         p_clean = F.softmax(model(x), dim=1)

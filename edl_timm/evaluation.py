@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attacks import Normalized, pgd
+from .attacks import REPORTED_ATTACKS, Normalized, describe_attack, pgd
+from .attacks import pgd_step_size as default_step  # evaluate() has an argument named pgd_step_size
 from .layers import edl_layers
 
 __all__ = [
@@ -94,7 +95,7 @@ def pgd_accuracy(
     ``source``, the attack is computed on ``source`` and evaluated on ``model`` (a transfer attack)."""
     if eps == 0:
         return accuracy(model, x, y, batch_size)
-    step_size = step_size if step_size is not None else (2.5 * eps / steps if steps > 0 else eps)
+    step_size = step_size if step_size is not None else default_step(eps, steps)
     attacker = source if source is not None else model
     dev = next(model.parameters()).device
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -342,7 +343,7 @@ _RESULT = {
     "type": "object",
     "required": ["attack", "accuracy", "n"],
     "properties": {
-        "attack": {"enum": ["clean", "pgd", "autoattack", "transfer", "unrolled", "bpda"]},
+        "attack": {"enum": list(REPORTED_ATTACKS)},
         "accuracy": {"type": "number", "minimum": 0, "maximum": 100},
         "n": {"type": "integer", "minimum": 1},
         "norm": {"enum": ["Linf", "L2"]},
@@ -432,7 +433,7 @@ def evaluate(
     n = len(y)
     threat = {"norm": norm, "eps": float(eps)}
     results: List[Dict[str, Any]] = [{"attack": "clean", "accuracy": accuracy(net, x, y, batch_size), "n": n}]
-    step_size = pgd_step_size if pgd_step_size is not None else 2.5 * eps / max(pgd_steps, 1)
+    step_size = pgd_step_size if pgd_step_size is not None else default_step(eps, max(pgd_steps, 1))
     pgd_acc = pgd_accuracy(net, x, y, eps, pgd_steps, step_size, restarts, norm, batch_size, seed, verbose)
     results.append({"attack": "pgd", "accuracy": pgd_acc, "n": n, **threat,
                     "settings": {"steps": pgd_steps, "step_size": step_size, "restarts": restarts, "random_start": True,
@@ -478,10 +479,7 @@ def format_table(report: Dict[str, Any]) -> str:
     lines = [f"{report['model']['source']} on {report['data']['dataset']} ({report['data']['split']}, n={report['data']['n']}, "
              f"{report['data']['selection']}), {report['threat_model']['norm']} eps={report['threat_model']['eps']:.4g}"]
     for r in report["results"]:
-        s = r.get("settings", {})
-        what = {"pgd": f"PGD-{s.get('steps')} x{s.get('restarts')}", "autoattack": f"AutoAttack {s.get('version')}",
-                "unrolled": f"PGD, solver x{s.get('num_iters')} steps", "transfer": f"transfer from {s.get('surrogate')}",
-                "bpda": "PGD, BPDA backward"}.get(r["attack"], r["attack"])
+        what = describe_attack(r["attack"], r.get("settings"))
         lines.append(f"  {what:<34} {r['accuracy']:6.2f}%")
     lines.append(f"  {'robust (min over attacks)':<34} {report['robust_accuracy']:6.2f}%")
     if report["audit"] is not None:

@@ -8,6 +8,7 @@ to the user: a fast, clear answer when the Hub cannot be reached, checks of a ch
 it is loaded, and errors that say which file is broken and what to do.
 """
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -20,6 +21,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import yaml
 
+from .attacks import REPORTED_ATTACKS
+
 __all__ = [
     "CheckpointError", "HubConfigError", "WeightsUnavailableError", "DEFAULT_ORG",
     "hub_config_files", "load_hub_config", "validate_hub_config", "load_hub_configs", "pretrained_cfgs_for",
@@ -28,7 +31,7 @@ __all__ = [
 ]
 
 DEFAULT_ORG = "edl-timm"
-METRIC_ATTACKS = ("clean", "pgd", "autoattack", "transfer", "bpda", "unrolled")
+METRIC_ATTACKS = tuple(REPORTED_ATTACKS)
 _REQUIRED = ("hf_hub_id", "architecture", "tag", "dataset", "threat_model", "recipe", "metrics", "license")
 
 
@@ -132,9 +135,6 @@ def load_hub_configs(directory: Optional[os.PathLike] = None, known_architecture
     return cfgs
 
 
-_MODEL_ARGS: Dict[Tuple[str, str], Dict[str, Any]] = {}
-
-
 def pretrained_cfgs_for(architectures: List[str], base_cfg, directory: Optional[os.PathLike] = None) -> Dict[str, Any]:
     """``generate_default_cfgs`` entries (``arch.tag``; the default tag marked with ``*``) for the
     shipped configs of ``architectures``, each built on ``base_cfg(architecture)``."""
@@ -143,7 +143,6 @@ def pretrained_cfgs_for(architectures: List[str], base_cfg, directory: Optional[
         arch = cfg["architecture"]
         if arch not in architectures:
             continue
-        _MODEL_ARGS[(arch, str(cfg["tag"]))] = dict(cfg.get("model_args") or {})
         entry = dict(base_cfg(arch))
         entry.update(cfg.get("pretrained_cfg") or {})
         entry.update(hf_hub_id=cfg["hf_hub_id"], license=cfg["license"])
@@ -151,9 +150,15 @@ def pretrained_cfgs_for(architectures: List[str], base_cfg, directory: Optional[
     return out
 
 
-def hub_model_args(architecture: str, tag: Optional[str]) -> Dict[str, Any]:
-    """The model arguments a published checkpoint was trained with (empty if none are recorded)."""
-    return dict(_MODEL_ARGS.get((architecture, tag or ""), {}))
+@functools.lru_cache(maxsize=None)
+def _model_args_of(directory: Optional[str]) -> Dict[Tuple[str, str], Dict[str, Any]]:
+    return {(c["architecture"], str(c["tag"])): dict(c.get("model_args") or {}) for c in load_hub_configs(directory)}
+
+
+def hub_model_args(architecture: str, tag: Optional[str], directory: Optional[os.PathLike] = None) -> Dict[str, Any]:
+    """The model arguments the ``hub_configs`` entry of ``architecture.tag`` records (the arguments its
+    weights were trained with; empty if none). ``directory``: default the shipped configs, read once."""
+    return dict(_model_args_of(None if directory is None else str(directory)).get((architecture, tag or ""), {}))
 
 
 # ---------------------------------------------------------------------------------------------

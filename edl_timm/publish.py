@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from .attacks import describe_attack
 from .hub import DEFAULT_ORG, CheckpointError, check_checkpoint_folder, sha256_file, validate_hub_config
 
 __all__ = ["build_release", "upload_release", "metrics_from_report", "model_card"]
@@ -53,15 +54,7 @@ def metrics_from_report(report: Dict[str, Any]) -> List[Dict[str, Any]]:
 def _describe(m: Dict[str, Any]) -> str:
     if m["attack"] == "clean":
         return "clean"
-    s = m.get("settings", {})
-    detail = {
-        "pgd": f"PGD-{s.get('steps', '?')}, {s.get('restarts', 1)} restart(s)",
-        "autoattack": f"AutoAttack {s.get('version', 'standard')}",
-        "transfer": f"transfer PGD from {s.get('surrogate', 'a surrogate')}",
-        "bpda": "PGD with a straight-through (BPDA) backward",
-        "unrolled": f"PGD through the solver unrolled to {s.get('num_iters', '?')} steps",
-    }.get(m["attack"], m["attack"])
-    return f"{detail}, {m['norm']} eps={_eps_str(m['eps'])}"
+    return f"{describe_attack(m['attack'], m.get('settings'))}, {m['norm']} eps={_eps_str(m['eps'])}"
 
 
 def model_card(cfg: Dict[str, Any], report: Dict[str, Any], args: Dict[str, Any]) -> str:

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attacks import Normalized, fgsm_rs, pgd, trades_adversary
+from .attacks import Normalized, fgsm_rs, pgd, pgd_step_size, trades_adversary
 from .convert import EDL_ARG_NAMES, MODEL_MODES, SELECTION_ARG_NAMES, convert
 from .data import load_image_split, random_crop_flip
 from .layers import edl_layers
@@ -187,7 +187,7 @@ def _set_edl_phase(model: nn.Module, elastic: bool) -> None:
 
 
 def _loss(cfg: TrainConfig, net: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Generator):
-    alpha = cfg.alpha if cfg.alpha is not None else (1.25 * cfg.eps if cfg.adv == "fgsm" else 2.5 * cfg.eps / cfg.steps)
+    alpha = cfg.alpha if cfg.alpha is not None else (1.25 * cfg.eps if cfg.adv == "fgsm" else pgd_step_size(cfg.eps, cfg.steps))
     if cfg.adv == "none":
         return F.cross_entropy(net(x), y), x
     if cfg.adv == "fgsm":
@@ -196,7 +196,8 @@ def _loss(cfg: TrainConfig, net: nn.Module, x: torch.Tensor, y: torch.Tensor, g:
     if cfg.adv == "pgd":
         x_adv = pgd(net, x, y, cfg.eps, alpha, cfg.steps, generator=g)
         return F.cross_entropy(net(x_adv), y), x_adv
-    # TRADES (Zhang et al. 2019): natural loss + beta * KL(f(x_adv) || f(x))
+    # TRADES (Zhang et al. 2019): natural loss + beta * KL(p(x) || p(x_adv)) = sum p(x) log(p(x) / p(x_adv)),
+    # averaged over the batch, as the reference code's KLDivLoss(log_softmax(f(x_adv)), softmax(f(x))) is
     x_adv = trades_adversary(net, x, cfg.eps, alpha, cfg.steps, generator=g)
     logits = net(x)
     kl = F.kl_div(F.log_softmax(net(x_adv), 1), F.softmax(logits, 1), reduction="batchmean")
@@ -220,7 +221,7 @@ def _evaluate(accelerator, net, images, labels, cfg: TrainConfig, batch_size: in
         y = labels[idx].to(accelerator.device)
         with torch.no_grad():
             pred = forward(x).argmax(1)
-        x_adv = pgd(forward, x, y, cfg.eps, 2.5 * cfg.eps / cfg.eval_pgd_steps, cfg.eval_pgd_steps, generator=g)
+        x_adv = pgd(forward, x, y, cfg.eps, pgd_step_size(cfg.eps, cfg.eval_pgd_steps), cfg.eval_pgd_steps, generator=g)
         with torch.no_grad():
             pred_adv = forward(x_adv).argmax(1)
         pred, pred_adv, y = accelerator.gather_for_metrics((pred, pred_adv, y))

@@ -26,36 +26,72 @@ def trained(tiny_run, cifar_dir):
     return model, x.float() / 255, y
 
 
-def test_eps_zero_is_clean_and_pgd_never_beats_clean(trained):
-    model, x, y = trained
-    net = pixel_model(model)
-    clean = accuracy(net, x, y)
-    assert clean > 20, f"the tiny model should have learned something, got {clean}%"
-    assert pgd_accuracy(net, x, y, 0.0) == clean
-    pgd8 = pgd_accuracy(net, x, y, 8 / 255, steps=5)
-    assert pgd8 <= clean
-    assert pgd_accuracy(net, x, y, 1.0, steps=5) == 0.0
+def linear_problem(norm, eps, classes, n=32, seed=0):
+    """A linear classifier on 3x4x4 images in [0.3, 0.7] and its exact robust accuracy at radius eps.
+
+    x (with label y = its clean prediction) is robust iff every margin (w_y - w_j) x + b_y - b_j exceeds
+    eps times the dual norm of w_y - w_j (l1 for L-inf, l2 for L2): the worst perturbation of a linear
+    function is known in closed form, and the box [0, 1] never binds here (each coordinate moves by at
+    most eps < 0.3). Points whose worst margin lies within a band around zero are dropped, so an attack
+    has to find the exact answer but needs no luck."""
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(48, classes)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(classes, 48, generator=g))
+        lin.bias.zero_()
+    model = nn.Sequential(nn.Flatten(), lin).eval()
+    model.pretrained_cfg = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    x = 0.3 + 0.4 * torch.rand(40 * n, 3, 4, 4, generator=g)
+    with torch.no_grad():
+        logits = model(x)
+    y = logits.argmax(1)
+    dw = lin.weight.detach()[y][:, None, :] - lin.weight.detach()[None, :, :]
+    dual = dw.abs().sum(-1) if norm == "Linf" else dw.norm(dim=-1)
+    slack = logits.gather(1, y[:, None]) - logits - eps * dual
+    slack[torch.arange(len(y)), y] = float("inf")
+    worst = slack.min(1).values
+    keep = (worst.abs() > 0.3 * eps * dual.mean()).nonzero().flatten()[:n]
+    x, y, worst = x[keep], y[keep], worst[keep]
+    expected = 100.0 * (worst > 0).float().mean().item()
+    assert len(y) == n and 10 < expected < 90, "the problem must have both robust and flippable points"
+    return model, x, y, expected
 
 
-def test_autoattack_agrees_in_direction_with_pgd(trained):
-    model, x, y = trained
-    net = pixel_model(model)
-    x16, y16 = x[:16], y[:16]
-    clean, pgd8 = accuracy(net, x16, y16), pgd_accuracy(net, x16, y16, 8 / 255, steps=10)
-    aa = autoattack_accuracy(net, x16, y16, 8 / 255, attacks=["apgd-ce", "apgd-t"])
-    assert aa["accuracy"] <= clean
-    assert aa["accuracy"] <= pgd8 + 100 / 16  # APGD is at least about as strong as PGD-10
-    assert "apgd-ce" in aa["per_attack"] and set(aa["per_attack"]) <= {"apgd-ce", "apgd-t"}  # later ones skip when none is left
+@pytest.mark.parametrize("norm, eps", [("Linf", 0.05), ("L2", 0.25)])
+def test_pgd_finds_exactly_the_flippable_points_of_a_linear_model(norm, eps):
+    """Two classes: the cross-entropy's gradient points along w_y - w_j, so PGD reaches the worst case.
+    An attack that does nothing leaves 100%; one that leaves the eps-ball (no L2 projection) flips
+    points that are provably robust."""
+    model, x, y, expected = linear_problem(norm, eps, classes=2)
+    assert accuracy(model, x, y) == 100.0
+    assert pgd_accuracy(model, x, y, eps, steps=20, norm=norm) == expected
+    assert pgd_accuracy(model, x, y, 1.0, steps=5) == 0.0  # past the boundary of [0, 1]: nothing is robust
+
+
+@pytest.mark.parametrize("version", ["custom", pytest.param("standard", marks=pytest.mark.slow)])
+def test_autoattack_finds_exactly_the_flippable_points_of_a_linear_model(version):
+    """Ten classes: APGD-T targets each class in turn, and for a linear model each target's worst case
+    is the closed form. ``standard`` also runs FAB-T and Square, whose results are parsed."""
+    model, x, y, expected = linear_problem("Linf", 0.05, classes=10)
+    attacks = ["apgd-ce", "apgd-t"] if version == "custom" else None
+    aa = autoattack_accuracy(model, x, y, 0.05, version=version, attacks=attacks)
+    assert aa["accuracy"] == expected
+    if version == "standard":
+        assert aa["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert "apgd-ce" in aa["per_attack"] and aa["per_attack"]["apgd-ce"] >= expected
     assert aa["warnings"] == []
 
 
-def test_report_validates_and_takes_the_minimum(trained):
-    model, x, y = trained
-    report = evaluate(model, x[:16], y[:16], source="tiny", autoattack="custom", autoattack_attacks=["apgd-ce"], pgd_steps=3,
-                      data={"dataset": "cifar10", "split": "test", "selection": "16 random"})
+def test_report_takes_the_minimum_over_attacks():
+    """A 1-step PGD is too weak for the linear problem's robust set and AutoAttack is exact: the report's
+    robust accuracy must be AutoAttack's, the closed form, and not the weaker figure."""
+    model, x, y, expected = linear_problem("Linf", 0.05, classes=10)
+    report = evaluate(model, x, y, source="linear", eps=0.05, autoattack="custom", autoattack_attacks=["apgd-ce", "apgd-t"],
+                      pgd_steps=1, pgd_step_size=0.001, data={"dataset": "synthetic", "split": "test", "selection": "all"})
     validate_report(report)
-    attacks = [r for r in report["results"] if r["attack"] != "clean"]
-    assert report["robust_accuracy"] == min(r["accuracy"] for r in attacks)
+    acc = {r["attack"]: r["accuracy"] for r in report["results"]}
+    assert acc["clean"] == 100.0 and acc["pgd"] > expected
+    assert report["robust_accuracy"] == expected == acc["autoattack"]
     broken = copy.deepcopy(report)
     broken["results"][0]["accuracy"] = 140.0
     with pytest.raises(jsonschema.ValidationError):
@@ -63,6 +99,14 @@ def test_report_validates_and_takes_the_minimum(trained):
     del broken["threat_model"]
     with pytest.raises(jsonschema.ValidationError, match="threat_model"):
         validate_report(broken)
+
+
+def test_the_tiny_trained_model_is_attacked(trained):
+    model, x, y = trained
+    net = pixel_model(model)
+    clean = accuracy(net, x, y)
+    assert clean > 20, f"the tiny model should have learned something, got {clean}%"
+    assert pgd_accuracy(net, x, y, 8 / 255, steps=5) < clean - 10  # naturally trained: PGD takes most of it
 
 
 class Rounded(nn.Module):
@@ -116,3 +160,26 @@ def test_straight_through_keeps_forward_and_changes_backward():
     assert torch.allclose(out, out_st, atol=1e-5)
     assert not torch.allclose(g, g_st)
     assert all(not m.bpda for m in model.modules() if edl_timm.is_edl_layer(m))
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "elastic"])
+def test_straight_through_gradient_is_the_linear_analysis(mode):
+    """With BPDA and T = 1 the code z = S(tau c A(a(x))) back-propagates as its linear part: the input
+    gradient is tau c A^T g, with A the unit-atom analysis and c = (1 - beta + 2 eps beta) / (2 eps)
+    the scale of the reweighting (c = 1 for Vanilla DL), computed here from the weight directly."""
+    torch.manual_seed(0)
+    layer = edl_timm.EDLConv2d(3, 5, 3, stride=2, padding=1, mode=mode, num_iters=1, eps=0.1,
+                               normalize_input=False).double().eval()
+    x = torch.rand(2, 3, 9, 8, dtype=torch.float64, requires_grad=True)
+    g = torch.randn_like(layer(x))
+    with straight_through(layer):
+        (gx,) = torch.autograd.grad(layer(x), x, g)
+    w = layer.weight.detach()
+    atoms = w / w.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    beta = 1.0 if mode == "vanilla" else float(layer.beta.detach())
+    c = (1 - beta + 2 * 0.1 * beta) / (2 * 0.1)
+    expected = float(layer.step_size) * c * torch.nn.functional.conv_transpose2d(g, atoms, stride=2, padding=1,
+                                                                                  output_padding=(0, 1))
+    torch.testing.assert_close(gx, expected, rtol=1e-10, atol=1e-12)
+    (g_true,) = torch.autograd.grad(layer(x), x, g)
+    assert not torch.allclose(g_true, gx)  # the true gradient sees the threshold and the clamp

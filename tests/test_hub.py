@@ -62,7 +62,8 @@ def test_valid_config_becomes_timm_tags_with_the_default_first(tmp_path):
     default = generate_default_cfgs({"edl_resnet18": {"num_classes": 10}, **entries})["edl_resnet18"]
     assert default.tags[0] == "unit" and default.is_pretrained
     assert default.cfgs["unit"].hf_hub_id == "edl-timm/edl_resnet18.unit"
-    assert hub.hub_model_args("edl_resnet18", "unit") == {"num_iters": 3}
+    assert hub.hub_model_args("edl_resnet18", "unit", tmp_path) == {"num_iters": 3}
+    assert hub.hub_model_args("edl_resnet18", "unit") == {}  # nothing shipped under that tag
 
 
 @pytest.mark.parametrize("change, field", [

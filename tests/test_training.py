@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from timm.models._hub import save_for_hf
 
-from edl_timm.attacks import Normalized
+from edl_timm.attacks import Normalized, pgd_step_size
 from edl_timm.data import load_image_split
 from edl_timm.training import TrainConfig, TrainingInputError, _loss, train
 
@@ -53,6 +53,48 @@ def test_each_objective_lowers_its_loss(batch, adv):
             assert (x_adv - x).abs().max() > cfg.eps / 4  # and it moved
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.9 * first, (adv, losses)
+
+
+def _kl(p_logits, q_logits):
+    """KL(p || q) per example, written out."""
+    p = torch.softmax(p_logits, 1)
+    return (p * (torch.log_softmax(p_logits, 1) - torch.log_softmax(q_logits, 1))).sum(1)
+
+
+def test_trades_ascends_the_kl_to_its_closed_form_maximum_and_its_loss_is_ce_plus_beta_kl():
+    """A two-class linear model: the logit difference at x + d moves by (w_1 - w_0) d, at most
+    eps ||w_1 - w_0||_1 either way, and KL(p(x) || p(x')) is convex in that shift, with its local maxima
+    over the eps-ball at the two extremes. The adversary must reach one (a sign error descends to ~0);
+    the loss must be CE(x) + beta * KL(p(x) || p(x_adv)) (the reversed KL differs)."""
+    from edl_timm.attacks import trades_adversary
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(48, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(2, 48, generator=g))
+        lin.bias.zero_()
+    net = torch.nn.Sequential(torch.nn.Flatten(), lin)
+    x = 0.3 + 0.4 * torch.rand(16, 3, 4, 4, generator=g)
+    y = torch.randint(0, 2, (16,), generator=g)
+    eps = 0.01
+    x_adv = trades_adversary(net, x, eps, pgd_step_size(eps, 10), 10, generator=g)
+    with torch.no_grad():
+        logits = net(x)
+        shift = eps * (lin.weight[1] - lin.weight[0]).abs().sum()
+        ends = torch.stack([_kl(logits, logits + torch.stack([-shift, shift]) / 2),
+                            _kl(logits, logits + torch.stack([shift, -shift]) / 2)])
+        got = _kl(logits, net(x_adv))
+    # KL is flat at x' = x: the ascent leaves along the side its random start picked, to that side's end
+    nearest = ends.gather(0, (ends - got).abs().argmin(0, keepdim=True))[0]
+    torch.testing.assert_close(got, nearest, rtol=1e-4, atol=1e-8)
+    assert (got > 0.5 * ends.min(0).values).all()
+    cfg = TrainConfig(model="linear", adv="trades", eps=eps, steps=10, trades_beta=6.0)
+    loss, x_adv = _loss(cfg, net, x, y, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(net(x), y) + 6.0 * _kl(net(x), net(x_adv)).mean()
+        reversed_kl = torch.nn.functional.cross_entropy(net(x), y) + 6.0 * _kl(net(x_adv), net(x)).mean()
+    torch.testing.assert_close(loss.detach(), expected)
+    assert abs(float(reversed_kl - expected)) > 1e-4  # the test tells the two directions apart
 
 
 def run_cli(args, **kw):
