@@ -385,7 +385,9 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             f"({cfg.batch_size} x {accelerator.num_processes} processes x {cfg.grad_accum} accumulation)"
         )
     total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
-    optimizer = create_optimizer_v2(net, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    # timm's "sgd" is Nesterov SGD, which needs momentum: without momentum it is plain SGD ("momentum" at 0)
+    opt_name = "momentum" if cfg.optimizer == "sgd" and cfg.momentum == 0 else cfg.optimizer
+    optimizer = create_optimizer_v2(net, opt_name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     if cfg.schedule == "cosine":
         scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps, 1), warmup_t=warmup, warmup_lr_init=cfg.lr * 0.01,

@@ -59,7 +59,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=128, help="per process")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "momentum", "adamw"])
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "momentum", "adamw"],
+                   help="timm's names: sgd is SGD with Nesterov momentum, momentum is SGD with classical momentum")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--schedule", default="cosine", choices=["cosine", "step"])
@@ -87,8 +88,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k not in ("model_kwargs", "convert_args")},
                       model_kwargs=parse_kwargs(args.model_kwargs), convert_args=parse_kwargs(args.convert_args))
-    if cfg.optimizer == "momentum":
-        cfg.optimizer = "sgd"
     if not torch.cuda.is_available():
         keep_freed_memory()  # page reuse: 5-10% of a CPU step for EDL models (edl_timm/cpu.py)
     try:

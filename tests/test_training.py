@@ -361,3 +361,70 @@ def test_kill_9_at_any_phase_then_resume_equals_an_uninterrupted_run(cifar_dir, 
     assert log_records(out) == log_records(uninterrupted)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step"] == 12 and metrics["loss"] == json.loads((uninterrupted / "metrics.json").read_text())["loss"]
+
+
+def test_grad_accumulation_resumes_exactly_from_a_mid_run_checkpoint(cifar_dir, tmp_path):
+    """Two micro-batches per step: a run resumed from its step-2 checkpoint ends with the weights of the
+    uninterrupted run, bit for bit (the resumed epoch must skip 2 x 2 micro-batches, not 2)."""
+    common = dict(model="edl_resnet18", model_kwargs=dict(TINY), dataset=str(cifar_dir), train_subset=128, eval_subset=16,
+                  batch_size=16, grad_accum=2, epochs=1, max_steps=4, lr=0.05, checkpoint_every=2, quiet=True)
+    train(TrainConfig(output_dir=str(tmp_path / "full"), **common))
+    ckpt = tmp_path / "full" / "checkpoints" / "step_00000002"
+    assert ckpt.is_dir() and json.loads((ckpt / "trainer_state.json").read_text())["batch_in_epoch"] == 2
+    shutil.copytree(ckpt, tmp_path / "step2")
+    train(TrainConfig(output_dir=str(tmp_path / "resumed"), resume=str(tmp_path / "step2"), **common))
+    full, resumed = weights(tmp_path / "full"), weights(tmp_path / "resumed")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    # and accumulation is not a no-op: one micro-batch per step gives other weights
+    train(TrainConfig(output_dir=str(tmp_path / "one"), **dict(common, grad_accum=1)))
+    assert not torch.equal(weights(tmp_path / "one")["conv1.weight"], full["conv1.weight"])
+
+
+def test_grad_clip_bounds_the_first_step_and_the_lr_follows_warmup_then_cosine(cifar_dir, tmp_path):
+    """Plain SGD (no momentum history, no weight decay) moves the weights by lr x the clipped gradient:
+    at most lr x clip in norm. The logged lr is timm's warm-up then cosine, recomputed here."""
+    import math
+
+    common = dict(model="edl_resnet18", model_kwargs=dict(TINY, mode="none"), dataset=str(cifar_dir), train_subset=320,
+                  eval_subset=16, batch_size=16, quiet=True, momentum=0.0, weight_decay=0.0, augment=False)
+    torch.manual_seed(0)
+    init = timm.create_model("edl_resnet18", mode="none", **TINY).state_dict()
+    train(TrainConfig(output_dir=str(tmp_path / "clip"), max_steps=1, lr=0.5, grad_clip=1e-3, seed=0, **common))
+    after = weights(tmp_path / "clip")
+    moved = math.sqrt(sum(float((after[k] - init[k]).pow(2).sum()) for k in after if k in init and "running" not in k
+                          and "num_batches" not in k))
+    assert 0 < moved <= 0.5 * 1e-3 * (1 + 1e-4)
+    # 20 steps per epoch, 2 epochs, half an epoch of warm-up from 1% of the peak
+    train(TrainConfig(output_dir=str(tmp_path / "sched"), epochs=2, lr=0.2, warmup_epochs=0.5, **common))
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "sched" / "log.jsonl").read_text().splitlines()) if "lr" in r}
+    total, warm = 40, 10
+
+    def expected(t):
+        if t < warm:
+            return 0.002 + t * (0.2 - 0.002) / warm
+        return 0.5 * 0.2 * (1 + math.cos(math.pi * t / total))
+
+    assert set(lrs) == {10, 20, 30, 40}
+    for t, lr in lrs.items():
+        assert lr == pytest.approx(expected(t), rel=1e-9), t
+
+
+def test_image_folder_data_is_read_resized_and_trained_on(tmp_path):
+    """An image folder (<split>/<class>/<image>) with 40x40 images, for a 32x32 model: the class names
+    come from the folders and the images are resized to the model's input size."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 24), ("test", 8)):
+        for c, name in enumerate(["cat", "dog"]):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            for i in range(n // 2):
+                pixels = (torch.rand(40, 40, 3, generator=g) * 100 + 100 * c).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / "data" / split / name / f"{i}.png")
+    x, y, names = load_image_split(str(tmp_path / "data"), "train", with_names=True)
+    assert x.shape == (24, 3, 40, 40) and names == ["cat", "dog"] and sorted(y.tolist()) == [0] * 12 + [1] * 12
+    metrics = train(TrainConfig(model="edl_resnet18", model_kwargs=dict(TINY), dataset=str(tmp_path / "data"),
+                                output_dir=str(tmp_path / "out"), batch_size=8, max_steps=3, eval_subset=None, quiet=True))
+    assert metrics["eval_n"] == 8
+    model = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True)
+    assert model.num_classes == 2
