@@ -1,0 +1,78 @@
+"""scripts/evaluate.py and scripts/push_to_hub.py end to end, as a user runs them."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from edl_timm import hub
+from edl_timm.data import load_image_split
+from edl_timm.evaluation import accuracy, evaluate, pixel_model, validate_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script, *args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=900)
+
+
+@pytest.mark.slow
+def test_evaluate_script_with_the_audit_writes_report_table_and_plot(tiny_run, cifar_dir, tmp_path):
+    out, _ = tiny_run
+    report_path = tmp_path / "report.json"
+    done = run("evaluate.py", "--model", out, "--dataset", cifar_dir, "--n", 48, "--steps", 3, "--autoattack", "none",
+               "--audit", "--surrogate", out, "--output", report_path, "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    validate_report(report)
+    # the split is sorted by class: a seeded random 48, the same the library picks, and said so
+    assert report["data"]["selection"] == "48 images drawn at random (seed 0): the split is sorted by class"
+    assert "JPEG" in report["data"]["note"]
+    x, y = load_image_split(str(cifar_dir), "test", subset=48, seed=0)
+    clean = accuracy(pixel_model(hub.create_model(str(out))), x.float() / 255, y)
+    assert [r["accuracy"] for r in report["results"] if r["attack"] == "clean"] == [clean]
+    assert report["model"]["weights_sha256"] == hub.sha256_file(out / "model.safetensors")
+    assert {r["attack"] for r in report["results"]} == {"clean", "pgd", "transfer", "unrolled", "bpda"}
+    assert report["audit"] is not None and "eps_sweep" in report["audit"]
+    plot = report_path.with_suffix(".eps_sweep.png")
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for line in ("robust (min over attacks)", "audit:", f"report: {report_path}"):
+        assert line in done.stdout
+
+
+def test_evaluate_refuses_pixels_outside_0_1_and_unknown_models(tmp_path, cifar_dir):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    with pytest.raises(ValueError, match=r"images must be in \[0, 1\]"):
+        evaluate(model, torch.full((2, 3, 2, 2), 2.0), torch.zeros(2, dtype=torch.long), source="x", autoattack=None)
+    done = run("evaluate.py", "--model", "edl_resnet_nope", "--dataset", cifar_dir, "--n", 8)
+    assert done.returncode == 2 and "unknown model 'edl_resnet_nope'" in done.stderr
+
+
+@pytest.mark.slow
+def test_push_to_hub_dry_run_writes_the_release_and_its_config_offline(tiny_run, cifar_dir, tmp_path):
+    out, _ = tiny_run
+    report_path = tmp_path / "report.json"
+    done = run("evaluate.py", "--model", out, "--dataset", cifar_dir, "--n", 32, "--steps", 2, "--autoattack", "none",
+               "--output", report_path, "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    release, configs = tmp_path / "release", tmp_path / "configs"
+    done = run("push_to_hub.py", "--train-dir", out, "--eval-report", report_path, "--tag", "dry", "--dataset-id",
+               "uoft-cs/cifar10", "--dry-run", "--output-dir", release, "--hub-configs-dir", configs)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in release.iterdir()) == ["README.md", "config.json", "eval_report.json", "model.safetensors"]
+    assert (release / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    cfg = hub.load_hub_config(configs / "edl_resnet18.dry.yaml")
+    report = json.loads(report_path.read_text())
+    assert [m["accuracy"] for m in cfg["metrics"]] == [round(r["accuracy"], 2) for r in report["results"]]
+    card = yaml.safe_load((release / "README.md").read_text().split("---")[1])
+    assert card["model-index"][0]["results"][0]["metrics"][0]["value"] == round(report["results"][0]["accuracy"], 2)
+    # a second dry run into the same folder is refused rather than overwriting a release
+    again = run("push_to_hub.py", "--train-dir", out, "--eval-report", report_path, "--tag", "dry", "--dry-run",
+                "--output-dir", release, "--hub-configs-dir", configs, "--dataset-id", "uoft-cs/cifar10")
+    assert again.returncode == 2 and "error:" in again.stderr
