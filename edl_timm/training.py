@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attacks import Normalized, fgsm_rs, pgd, pgd_step_size, trades_adversary
+from .attacks import Normalized, fgsm_rs, parse_eps, pgd, pgd_step_size, trades_adversary
 from .convert import EDL_ARG_NAMES, MODEL_MODES, SELECTION_ARG_NAMES, convert
 from .data import load_image_split, random_crop_flip
 from .layers import edl_layers
@@ -35,50 +35,81 @@ class TrainingInputError(ValueError):
     """Bad input found before training starts (the message says what to do)."""
 
 
+def _arg(default, help: str, group: str, **cli):
+    """A ``TrainConfig`` field with its command-line help (``scripts/train.py`` derives its flags from
+    these, so each default is written once). ``cli``: argparse extras (type, choices, metavar, flag)."""
+    meta = {"help": help, "group": group, **cli}
+    if default is dataclasses.MISSING:
+        return field(metadata=meta)
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
-    model: str
-    dataset: str = "uoft-cs/cifar10"
-    output_dir: str = "runs/train"
-    pretrained: bool = False
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)
-    convert: Optional[str] = None
-    convert_args: Dict[str, Any] = field(default_factory=dict)
-    num_classes: Optional[int] = None
-    image_column: Optional[str] = None
-    label_column: Optional[str] = None
-    train_split: str = "train"
-    eval_split: str = "test"
-    train_subset: Optional[int] = None
-    eval_subset: Optional[int] = 500
-    epochs: int = 10
-    max_steps: Optional[int] = None
-    batch_size: int = 128
-    grad_accum: int = 1
-    lr: float = 0.1
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    grad_clip: Optional[float] = None
-    adv: str = "none"
-    eps: float = 8 / 255
-    alpha: Optional[float] = None
-    steps: int = 10
-    trades_beta: float = 6.0
-    elastic_from_epoch: int = 0
-    eval_pgd_steps: int = 10
-    augment: bool = True
-    mixed_precision: str = "no"
-    channels_last: bool = False
-    seed: int = 0
-    checkpoint_every: Optional[int] = None
-    keep_checkpoints: int = 2
-    resume: Optional[str] = None
-    num_workers: int = 0
-    log_with: Optional[str] = None
-    quiet: bool = False
+    """One training run; every field is also a flag of ``scripts/train.py`` (``max_steps`` is ``--max-steps``)."""
+
+    # model
+    model: str = _arg(dataclasses.MISSING, "timm model name, arch.tag, hf-hub:org/name, local-dir:/path or a training output folder",
+                      "model", required=True)
+    model_kwargs: Dict[str, Any] = _arg({}, "model arguments, e.g. mode=none num_iters=3", "model", kwargs=True)
+    pretrained: bool = _arg(False, "start from the model's pretrained weights", "model")
+    convert: Optional[str] = _arg(None, "turn the (plain, trained) model's convolutions into EDL layers of this mode "
+                                  "(elastic, vanilla, robust) before training, keeping their weights; see edl_timm.convert",
+                                  "model", metavar="MODE")
+    convert_args: Dict[str, Any] = _arg({}, "EDL arguments for --convert: num_iters, lam, eps, beta_init, ..., "
+                                        "edl_include, edl_exclude", "model", kwargs=True)
+    num_classes: Optional[int] = _arg(None, "a new classifier with this many classes", "model", type=int)
+    # data
+    dataset: str = _arg("uoft-cs/cifar10", "Hub id, local parquet folder or image folder", "data")
+    image_column: Optional[str] = _arg(None, "image column; None: img or image", "data")
+    label_column: Optional[str] = _arg(None, "label column; None: label, fine_label or labels", "data")
+    train_split: str = _arg("train", "training split", "data")
+    eval_split: str = _arg("test", "split evaluated after each epoch", "data")
+    train_subset: Optional[int] = _arg(None, "first N training examples (a seeded random N if the split is sorted by "
+                                       "class)", "data", type=int)
+    eval_subset: Optional[int] = _arg(500, "held-out examples evaluated each epoch (chosen as --train-subset)", "data",
+                                      type=int)
+    augment: bool = _arg(True, "random crop and flip of each training batch; --no-augment turns them off", "data",
+                         flag="--no-augment")
+    num_workers: int = _arg(0, "data loader workers", "data", type=int)
+    # optimisation
+    epochs: int = _arg(10, "epochs", "optimisation", type=int)
+    max_steps: Optional[int] = _arg(None, "stop after this many optimizer steps", "optimisation", type=int)
+    batch_size: int = _arg(128, "per process: the global batch is batch-size x processes x grad-accum", "optimisation",
+                           type=int)
+    grad_accum: int = _arg(1, "micro-batches per optimizer step", "optimisation", type=int)
+    lr: float = _arg(0.1, "peak learning rate", "optimisation", type=float)
+    optimizer: str = _arg("sgd", "timm's names: sgd is SGD with Nesterov momentum (plain SGD with --momentum 0), momentum "
+                          "is SGD with classical momentum", "optimisation", choices=["sgd", "momentum", "adamw"])
+    momentum: float = _arg(0.9, "momentum", "optimisation", type=float)
+    weight_decay: float = _arg(5e-4, "weight decay (not on norms, biases and beta)", "optimisation", type=float)
+    schedule: str = _arg("cosine", "lr schedule, per step", "optimisation", choices=["cosine", "step"])
+    warmup_epochs: float = _arg(0.0, "linear warm-up from a hundredth of the peak lr", "optimisation", type=float)
+    grad_clip: Optional[float] = _arg(None, "clip the gradient's norm", "optimisation", type=float)
+    mixed_precision: str = _arg("no", "accelerate's autocast for training; bf16 on the CPU runs the fused EDL path in "
+                                "bfloat16. The per-epoch evaluation stays float32", "optimisation",
+                                choices=["no", "bf16", "fp16"])
+    channels_last: bool = _arg(False, "train in NHWC; checkpoints and weights keep the usual layout", "optimisation")
+    seed: int = _arg(0, "seed of initialisation, data order, augmentation and attack noise", "optimisation", type=int)
+    # adversarial training
+    adv: str = _arg("none", "objective: natural, PGD-AT, TRADES or FGSM with random start", "adversarial",
+                    choices=list(ADV_OBJECTIVES))
+    eps: float = _arg(8 / 255, "L-inf radius in [0, 1] pixels: 8/255, 0.0314 or 8", "adversarial", type=parse_eps)
+    alpha: Optional[float] = _arg(None, "attack step (default: 2.5 eps/steps; 1.25 eps for fgsm)", "adversarial",
+                                  type=parse_eps)
+    steps: int = _arg(10, "attack steps of pgd / trades", "adversarial", type=int)
+    trades_beta: float = _arg(6.0, "TRADES' weight of the KL term", "adversarial", type=float)
+    elastic_from_epoch: int = _arg(0, "train EDL layers as Vanilla DL before this epoch", "adversarial", type=int)
+    eval_pgd_steps: int = _arg(10, "PGD steps of the per-epoch evaluation", "adversarial", type=int)
+    # output and checkpoints
+    output_dir: str = _arg("runs/train", "the run's folder", "output", required=True)
+    checkpoint_every: Optional[int] = _arg(None, "also checkpoint every N steps (always at each epoch)", "output", type=int)
+    keep_checkpoints: int = _arg(2, "checkpoints kept", "output", type=int)
+    resume: Optional[str] = _arg(None, "a checkpoint folder, or 'auto' for the latest in --output-dir", "output")
+    log_with: Optional[str] = _arg(None, "an accelerate tracker, e.g. tensorboard", "output")
+    quiet: bool = _arg(False, "no progress bar or final print", "output")
 
 
 # ------------------------------------------------------------------------------------ inputs

@@ -428,3 +428,23 @@ def test_image_folder_data_is_read_resized_and_trained_on(tmp_path):
     assert metrics["eval_n"] == 8
     model = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True)
     assert model.num_classes == 2
+
+
+def test_every_config_field_is_a_flag_with_the_same_default():
+    import dataclasses
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "scripts" / "train.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    parser = cli.build_parser()
+    args = vars(parser.parse_args(["--model", "m", "--output-dir", "o"]))
+    cfg = TrainConfig(model="m", output_dir="o")
+    assert set(args) == {f.name for f in dataclasses.fields(TrainConfig)}
+    for name, value in args.items():
+        assert (cli.parse_kwargs(value) if name in ("model_kwargs", "convert_args") else value) == getattr(cfg, name), name
+    given = vars(parser.parse_args(["--model", "m", "--output-dir", "o", "--no-augment", "--eps", "8", "--channels-last",
+                                    "--alpha", "2/255", "--max-steps", "7", "--model-kwargs", "mode=none", "layers=(1,1,1,1)"]))
+    assert (given["augment"], given["channels_last"], given["max_steps"]) == (False, True, 7)
+    assert given["eps"] == pytest.approx(8 / 255) and given["alpha"] == pytest.approx(2 / 255)
+    assert cli.parse_kwargs(given["model_kwargs"]) == {"mode": "none", "layers": (1, 1, 1, 1)}
