@@ -68,6 +68,18 @@ def _project(delta: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> tor
     return (x + delta).clamp(0, 1) - x
 
 
+def _input_grad(loss_of, delta: torch.Tensor, loss_scale: float) -> torch.Tensor:
+    """d loss / d delta, with the loss multiplied by ``loss_scale`` first: under float16 autocast the
+    backward runs in float16, where the gradient of a well-classified example underflows to zero
+    (sign 0: the attack does not move). The attacks use only the gradient's sign or direction, which
+    a positive scale leaves unchanged, so they take the GradScaler's scale (``scripts/train.py`` under
+    ``--mixed-precision fp16``). Where the scaled backward overflows, it is redone unscaled."""
+    (grad,) = torch.autograd.grad(loss_of(delta) * loss_scale, delta)
+    if loss_scale != 1.0 and not torch.isfinite(grad).all():
+        (grad,) = torch.autograd.grad(loss_of(delta), delta)
+    return grad
+
+
 def pgd(
     model: nn.Module,
     x: torch.Tensor,
@@ -78,8 +90,10 @@ def pgd(
     norm: str = "Linf",
     random_start: bool = True,
     generator: Optional[torch.Generator] = None,
+    loss_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Untargeted PGD on the cross-entropy (Madry et al.): adversarial x in [0, 1] within the eps-ball."""
+    """Untargeted PGD on the cross-entropy (Madry et al.): adversarial x in [0, 1] within the eps-ball.
+    ``loss_scale``: see ``_input_grad`` (float16 autocast)."""
     if norm not in ("Linf", "L2"):
         raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
     x = x.detach()
@@ -92,8 +106,8 @@ def pgd(
         delta = torch.zeros_like(x)
     for _ in range(steps):
         delta.requires_grad_(True)
-        loss = F.cross_entropy(model(x + delta), y)
-        (grad,) = torch.autograd.grad(loss, delta)
+        # the loss in float32 (logits are small): a float16 loss times the scale would overflow
+        grad = _input_grad(lambda d: F.cross_entropy(model(x + d).float(), y), delta, loss_scale)
         with torch.no_grad():
             if norm == "Linf":
                 step = alpha * grad.sign()
@@ -104,24 +118,24 @@ def pgd(
 
 
 def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: Optional[float] = None,
-            generator: Optional[torch.Generator] = None) -> torch.Tensor:
+            generator: Optional[torch.Generator] = None, loss_scale: float = 1.0) -> torch.Tensor:
     """FGSM with a random start ("Fast is better than free", Wong et al. 2020), alpha = 1.25 eps."""
-    return pgd(model, x, y, eps, 1.25 * eps if alpha is None else alpha, 1, generator=generator)
+    return pgd(model, x, y, eps, 1.25 * eps if alpha is None else alpha, 1, generator=generator, loss_scale=loss_scale)
 
 
 def trades_adversary(model: nn.Module, x: torch.Tensor, eps: float, alpha: float, steps: int,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                     generator: Optional[torch.Generator] = None, loss_scale: float = 1.0) -> torch.Tensor:
     """TRADES' inner maximisation (Zhang et al. 2019): L-inf PGD ascending KL(p(x) || p(x')), the
     divergence of the prediction at x' from the clean one, started at x + 0.001 * N(0, 1)."""
     x = x.detach()
     with torch.no_grad():
-        p_clean = F.softmax(model(x), dim=1)
+        p_clean = F.softmax(model(x).float(), dim=1)
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     delta = _project(0.001 * noise, x, eps, "Linf")
     for _ in range(steps):
         delta.requires_grad_(True)
-        loss = F.kl_div(F.log_softmax(model(x + delta), dim=1), p_clean, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, delta)
+        grad = _input_grad(lambda d: F.kl_div(F.log_softmax(model(x + d).float(), dim=1), p_clean, reduction="sum"),
+                           delta, loss_scale)
         with torch.no_grad():
             delta = _project(delta + alpha * grad.sign(), x, eps, "Linf")
     return (x + delta).detach()

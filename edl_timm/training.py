@@ -217,22 +217,32 @@ def _set_edl_phase(model: nn.Module, elastic: bool) -> None:
             m.beta_logit.requires_grad_(True)
 
 
-def _loss(cfg: TrainConfig, net: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Generator):
+def _loss(cfg: TrainConfig, net: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Generator, loss_scale: float = 1.0):
+    """The training loss and the adversarial input; ``loss_scale`` scales the attacks' loss (float16)."""
     alpha = cfg.alpha if cfg.alpha is not None else (1.25 * cfg.eps if cfg.adv == "fgsm" else pgd_step_size(cfg.eps, cfg.steps))
     if cfg.adv == "none":
         return F.cross_entropy(net(x), y), x
     if cfg.adv == "fgsm":
-        x_adv = fgsm_rs(net, x, y, cfg.eps, alpha, generator=g)
+        x_adv = fgsm_rs(net, x, y, cfg.eps, alpha, generator=g, loss_scale=loss_scale)
         return F.cross_entropy(net(x_adv), y), x_adv
     if cfg.adv == "pgd":
-        x_adv = pgd(net, x, y, cfg.eps, alpha, cfg.steps, generator=g)
+        x_adv = pgd(net, x, y, cfg.eps, alpha, cfg.steps, generator=g, loss_scale=loss_scale)
         return F.cross_entropy(net(x_adv), y), x_adv
     # TRADES (Zhang et al. 2019): natural loss + beta * KL(p(x) || p(x_adv)) = sum p(x) log(p(x) / p(x_adv)),
     # averaged over the batch, as the reference code's KLDivLoss(log_softmax(f(x_adv)), softmax(f(x))) is
-    x_adv = trades_adversary(net, x, cfg.eps, alpha, cfg.steps, generator=g)
+    x_adv = trades_adversary(net, x, cfg.eps, alpha, cfg.steps, generator=g, loss_scale=loss_scale)
     logits = net(x)
     kl = F.kl_div(F.log_softmax(net(x_adv), 1), F.softmax(logits, 1), reduction="batchmean")
     return F.cross_entropy(logits, y) + cfg.trades_beta * kl, x_adv
+
+
+def _attack_loss_scale(accelerator, cfg: TrainConfig) -> float:
+    """The scale the training attacks multiply their loss by: the GradScaler's under float16 (whose
+    backward underflows otherwise), 1 in float32 and bfloat16 (bfloat16 has float32's range)."""
+    if cfg.mixed_precision != "fp16":
+        return 1.0
+    scaler = getattr(accelerator, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 2.0 ** 16
 
 
 def _evaluate(accelerator, net, images, labels, cfg: TrainConfig, batch_size: int) -> Dict[str, Any]:
@@ -500,7 +510,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             y = train_y[idx].to(accelerator.device)
             gd = g if accelerator.device.type == "cpu" else torch.Generator(device=accelerator.device).manual_seed(g.initial_seed())
             with accelerator.accumulate(net):
-                loss, x_adv = _loss(cfg, net, x, y, gd)
+                loss, x_adv = _loss(cfg, net, x, y, gd, _attack_loss_scale(accelerator, cfg))
                 accelerator.backward(loss)
                 if cfg.grad_clip and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(net.parameters(), cfg.grad_clip)

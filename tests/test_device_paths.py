@@ -96,3 +96,37 @@ def test_fit_size_resizes_in_chunks_exactly_as_at_once():
     whole = F.interpolate(images.float(), size=(20, 20), mode="bilinear", antialias=True, align_corners=False)
     got = _fit_size(images, (20, 20), chunk=8)
     assert got.dtype == torch.uint8 and torch.equal(got, whole.round().clamp(0, 255).to(torch.uint8))
+
+
+def test_float16_attack_gradients_do_not_underflow_with_the_loss_scale():
+    """Under float16 autocast the backward runs in float16: for well-classified examples the input
+    gradient of the batch-mean loss underflows to 0, and PGD / FGSM without the loss scale do not
+    move there (sign 0). With the scale, the step has the float32 gradient's sign. (TRADES' KL is a
+    sum over the batch, which underflows less; it takes the same scale.)"""
+    from edl_timm.attacks import pgd
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(48, 10)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(10, 48, generator=g))
+    net = torch.nn.Sequential(torch.nn.Flatten(), lin)
+    x = 0.3 + 0.4 * torch.rand(128, 3, 4, 4, generator=g)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+        lin.weight.mul_(4.0)  # margins of tens of logits: p(wrong) below float16's smallest normal after the mean
+
+    def step(scale, dtype):  # one step from the clean point, of size eps: x' - x = eps sign(grad)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            return pgd(net, x, y, 0.01, 0.01, 1, random_start=False, loss_scale=scale) - x
+
+    want = step(1.0, torch.float32)
+    unscaled, scaled = step(1.0, torch.float16), step(2.0 ** 16, torch.float16)
+    # the float32 gradient's sign, where the gradient is not itself near zero (there float16's rounding decides)
+    with torch.autocast("cpu", enabled=False):
+        d = torch.zeros_like(x, requires_grad=True)
+        (g32,) = torch.autograd.grad(F.cross_entropy(net(x + d), y), d)
+    clear = g32.abs() > 0.05 * g32.abs().flatten(1).max(1).values.view(-1, 1, 1, 1)
+    assert (unscaled[clear] == 0).float().mean() > 0.25  # the bug the scale fixes: the gradient underflowed
+    agree = (torch.sign(scaled) == torch.sign(want))[clear].float().mean()
+    base = (torch.sign(unscaled) == torch.sign(want))[clear].float().mean()
+    assert agree > 0.97 and agree > base + 0.1
