@@ -379,19 +379,12 @@ def _params_checksum(model: nn.Module) -> torch.Tensor:
         return torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
 
 
-def train(cfg: TrainConfig) -> Dict[str, Any]:
-    """Train or fine-tune ``cfg.model``; returns the final metrics (also in output_dir/metrics.json)."""
-    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-    from accelerate.utils import set_seed
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import CosineLRScheduler, StepLRScheduler
-
+def _checked_inputs(cfg: TrainConfig):
+    """Validate the options and load both splits: (train x, y, eval x, y, number of classes)."""
     if cfg.adv not in ADV_OBJECTIVES:
         raise TrainingInputError(f"--adv must be one of {ADV_OBJECTIVES}, got {cfg.adv!r}")
     if cfg.mixed_precision not in ("no", "bf16", "fp16"):
         raise TrainingInputError(f"--mixed-precision must be no, bf16 or fp16, got {cfg.mixed_precision!r}")
-    output_dir = Path(cfg.output_dir)
-    # data first: a bad data set fails in seconds, before any model is built
     train_x, train_y, names = _load_data(cfg, cfg.train_split, cfg.train_subset, cfg.seed)
     eval_x, eval_y, _ = _load_data(cfg, cfg.eval_split, cfg.eval_subset, 0)
     n_classes = _num_classes_of(train_y, names)
@@ -401,6 +394,66 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 f"labels of split {split!r} range over [{ys.min()}, {ys.max()}] but the model has "
                 f"{cfg.num_classes or n_classes} classes: fix the label column or pass --num-classes"
             )
+    return train_x, train_y, eval_x, eval_y, n_classes
+
+
+def _scheduler(cfg: TrainConfig, optimizer, total_steps: int, steps_per_epoch: int):
+    """timm's cosine or step schedule, stepped per optimizer step, with the linear warm-up."""
+    from timm.scheduler import CosineLRScheduler, StepLRScheduler
+
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "cosine":
+        return CosineLRScheduler(optimizer, t_initial=max(total_steps, 1), warmup_t=warmup, warmup_lr_init=cfg.lr * 0.01,
+                                 t_in_epochs=False)
+    return StepLRScheduler(optimizer, decay_t=max(total_steps // 3, 1), decay_rate=0.1, warmup_t=warmup,
+                           warmup_lr_init=cfg.lr * 0.01, t_in_epochs=False)
+
+
+def _resume(cfg: TrainConfig, accelerator, output_dir: Path):
+    """Load the checkpoint ``cfg.resume`` names (or the latest, for "auto") into the prepared objects;
+    returns where the run stands: (step, epoch, batches done in it, last loss, log lines kept)."""
+    ckpt = None
+    if cfg.resume:
+        # "auto" with nothing saved yet (a run killed before its first checkpoint) starts afresh
+        ckpt = _latest_checkpoint(output_dir) if cfg.resume == "auto" else Path(cfg.resume)
+        if cfg.resume != "auto" and not (ckpt / "trainer_state.json").exists():
+            raise TrainingInputError(f"no complete checkpoint to resume from at {ckpt}")
+    if ckpt is None:
+        return 0, 0, 0, float("nan"), 0
+    accelerator.load_state(str(ckpt))
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    return state["step"], state["epoch"], state["batch_in_epoch"], state.get("loss", float("nan")), state.get("log_lines", 0)
+
+
+class _RunLog:
+    """log.jsonl (and accelerate's trackers): one JSON record per line, written by the main process.
+    On resume the file is cut back to the lines the checkpoint counted: records a killed run wrote
+    after its checkpoint are written again by the resumed run."""
+
+    def __init__(self, accelerator, path: Path, kept_lines: int, trackers: bool):
+        self.accelerator, self.path, self.lines, self.trackers = accelerator, path, kept_lines, trackers
+        if accelerator.is_main_process:
+            kept = path.read_text().splitlines(keepends=True)[:kept_lines] if path.exists() else []
+            _write_atomic(path, "".join(kept))
+
+    def __call__(self, record: Dict[str, Any]) -> None:
+        self.lines += 1
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.trackers:
+            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Train or fine-tune ``cfg.model``; returns the final metrics (also in output_dir/metrics.json)."""
+    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+    from accelerate.utils import set_seed
+    from timm.optim import create_optimizer_v2
+
+    output_dir = Path(cfg.output_dir)
+    # the arguments and the data first: bad input fails in seconds, before any model is built
+    train_x, train_y, eval_x, eval_y, n_classes = _checked_inputs(cfg)
 
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.elastic_from_epoch > 0)
     accelerator = Accelerator(
@@ -429,13 +482,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     # timm's "sgd" is Nesterov SGD, which needs momentum: without momentum it is plain SGD ("momentum" at 0)
     opt_name = "momentum" if cfg.optimizer == "sgd" and cfg.momentum == 0 else cfg.optimizer
     optimizer = create_optimizer_v2(net, opt_name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    if cfg.schedule == "cosine":
-        scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps, 1), warmup_t=warmup, warmup_lr_init=cfg.lr * 0.01,
-                                      t_in_epochs=False)
-    else:
-        scheduler = StepLRScheduler(optimizer, decay_t=max(total_steps // 3, 1), decay_rate=0.1, warmup_t=warmup,
-                                    warmup_lr_init=cfg.lr * 0.01, t_in_epochs=False)
+    scheduler = _scheduler(cfg, optimizer, total_steps, steps_per_epoch)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(torch.arange(len(train_y))), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed),
@@ -447,18 +494,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_for_checkpointing(_SolverState(accelerator.unwrap_model(net)))
 
-    step, start_epoch, skip, last_loss, log_lines = 0, 0, 0, float("nan"), 0
-    ckpt = None
-    if cfg.resume:
-        # "auto" with nothing saved yet (a run killed before its first checkpoint) starts afresh
-        ckpt = _latest_checkpoint(output_dir) if cfg.resume == "auto" else Path(cfg.resume)
-        if cfg.resume != "auto" and not (ckpt / "trainer_state.json").exists():
-            raise TrainingInputError(f"no complete checkpoint to resume from at {ckpt}")
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        step, start_epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
-        last_loss, log_lines = state.get("loss", float("nan")), state.get("log_lines", 0)
+    step, start_epoch, skip, last_loss, log_lines = _resume(cfg, accelerator, output_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -467,21 +503,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     if cfg.log_with:
         accelerator.init_trackers("edl-timm", config={k: v for k, v in dataclasses.asdict(cfg).items()
                                                       if isinstance(v, (int, float, str, bool))})
-    log_path = output_dir / "log.jsonl"
+    log = _RunLog(accelerator, output_dir / "log.jsonl", log_lines, bool(cfg.log_with))
     metrics: Dict[str, Any] = {}
-    if accelerator.is_main_process:
-        # the log as it was at the checkpoint: records a killed run wrote after it are written again
-        kept = log_path.read_text().splitlines(keepends=True)[:log_lines] if log_path.exists() else []
-        _write_atomic(log_path, "".join(kept))
-    log_count = [log_lines]
-
-    def log(record):
-        log_count[0] += 1
-        if accelerator.is_main_process:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if cfg.log_with:
-            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
 
     from tqdm.auto import tqdm
 
@@ -528,7 +551,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 log({"step": step, "epoch": epoch, "loss": last_loss, "lr": optimizer.param_groups[0]["lr"]})
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
                 _save_checkpoint(accelerator, net, output_dir, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                                                                "loss": last_loss, "log_lines": log_count[0]},
+                                                                "loss": last_loss, "log_lines": log.lines},
                                  cfg.keep_checkpoints, cfg)
             if step >= total_steps:
                 done = True
@@ -542,7 +565,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             epoch += 1
         if not done:
             _save_checkpoint(accelerator, net, output_dir, {"step": step, "epoch": epoch, "batch_in_epoch": 0,
-                                                            "loss": last_loss, "log_lines": log_count[0]},
+                                                            "loss": last_loss, "log_lines": log.lines},
                              cfg.keep_checkpoints, cfg)
     bar.close()
     # every process must end with the same weights; a difference is a sharding or DDP bug

@@ -67,7 +67,9 @@ def main(argv=None):
     except TrainingInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if metrics.get("num_processes", 1) and not cfg.quiet:
+    from accelerate import PartialState
+
+    if PartialState().is_main_process and not cfg.quiet:  # once, not once per process
         print(json.dumps({k: v for k, v in metrics.items() if k != "betas"}))
     return 0
 
