@@ -89,7 +89,7 @@ def diagnose(folder: str, images: torch.Tensor, labels: torch.Tensor, eps: float
         row = {"layer": n, "in": _relative_change(c["in"], a["in"]), "out": _relative_change(c["out"], a["out"])}
         row["gain"] = row["out"] / max(row["in"], 1e-12)
         if is_edl_layer(module):
-            row["beta"] = float(module.beta) if hasattr(module, "beta_logit") else None
+            row["beta"] = float(module.beta.detach()) if hasattr(module, "beta_logit") else None
             row["l1_share_clean"], row["l1_share_adv"] = c["l1_share"], a["l1_share"]
         layers.append(row)
     return {"model": folder, "n": len(labels), "clean": clean_acc, "pgd20": adv_acc, "layers": layers}
