@@ -448,3 +448,29 @@ def test_every_config_field_is_a_flag_with_the_same_default():
     assert (given["augment"], given["channels_last"], given["max_steps"]) == (False, True, 7)
     assert given["eps"] == pytest.approx(8 / 255) and given["alpha"] == pytest.approx(2 / 255)
     assert cli.parse_kwargs(given["model_kwargs"]) == {"mode": "none", "layers": (1, 1, 1, 1)}
+
+
+def test_step_schedule_divides_the_lr_by_ten_every_third_of_the_run(cifar_dir, tmp_path):
+    common = dict(model="edl_resnet18", model_kwargs=dict(TINY, mode="none"), dataset=str(cifar_dir), train_subset=320,
+                  eval_subset=16, batch_size=16, quiet=True, augment=False)
+    train(TrainConfig(output_dir=str(tmp_path / "step"), epochs=2, lr=0.2, schedule="step", **common))
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "step" / "log.jsonl").read_text().splitlines()) if "lr" in r}
+    decay_every = 40 // 3  # 13 steps
+    assert lrs == {t: pytest.approx(0.2 * 0.1 ** (t // decay_every), rel=1e-9) for t in (10, 20, 30, 40)}
+
+
+def test_adamw_decays_weights_but_not_norms_biases_or_beta(cifar_dir, tmp_path):
+    """Decoupled weight decay: one AdamW step with lr 1e-3 and weight decay 100 shrinks every decayed
+    weight by 10% (plus an Adam step of at most about lr), and moves norms, biases and beta only by
+    the Adam step."""
+    torch.manual_seed(0)
+    init = timm.create_model("edl_resnet18", **TINY).state_dict()
+    train(TrainConfig(model="edl_resnet18", model_kwargs=dict(TINY), dataset=str(cifar_dir), output_dir=str(tmp_path / "a"),
+                      train_subset=64, eval_subset=16, batch_size=16, max_steps=1, lr=1e-3, weight_decay=100.0,
+                      optimizer="adamw", augment=False, quiet=True))
+    after = weights(tmp_path / "a")
+    for k in ("conv1.weight", "layer2.0.conv1.weight", "fc.weight"):
+        assert torch.allclose(after[k], 0.9 * init[k], atol=1.5e-3), k
+    assert (after["fc.weight"] - 0.9 * init["fc.weight"]).abs().max() > 0  # and the Adam step is there too
+    for k in ("bn1.weight", "bn1.bias", "fc.bias", "conv1.beta_logit", "layer3.0.conv2.beta_logit"):
+        assert (after[k] - init[k]).abs().max() <= 1.5e-3, k
