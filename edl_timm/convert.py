@@ -31,7 +31,8 @@ import torch.nn as nn
 
 from .layers import EDL_MODES, EDLConv2d, EDLLinear, is_edl_layer
 
-__all__ = ["convert", "default_selection", "split_edl_args", "MODEL_MODES", "EDL_ARG_NAMES", "SELECTION_ARG_NAMES"]
+__all__ = ["convert", "default_selection", "split_edl_args", "MODEL_MODES", "EDL_ARG_NAMES", "SELECTION_ARG_NAMES",
+           "convert_with_args"]
 
 MODEL_MODES = EDL_MODES + ("none",)
 EDL_ARG_NAMES = ("num_iters", "lam", "beta_init", "eps", "nonneg", "normalize_atoms", "normalize_input")
@@ -146,3 +147,11 @@ def convert(
         parent_name, _, child = name.rpartition(".")
         setattr(target.get_submodule(parent_name) if parent_name else target, child, new)
     return target
+
+
+def convert_with_args(model: nn.Module, mode: str, args: dict) -> nn.Module:
+    """``convert(model, mode, inplace=True)`` with EDL arguments as the model families take them: the
+    layer arguments, and the selection spelled ``edl_include`` / ``edl_exclude``."""
+    args = dict(args)
+    selection = {SELECTION_ARG_NAMES[k]: args.pop(k) for k in list(args) if k in SELECTION_ARG_NAMES}
+    return convert(model, mode=mode, inplace=True, **selection, **args)

@@ -368,15 +368,14 @@ def _create_converted(folder: Path, cfg: Dict[str, Any], **kwargs):
     import timm
     from safetensors.torch import load_file
 
-    from .convert import SELECTION_ARG_NAMES, convert
+    from .convert import convert_with_args
 
     spec = dict(cfg["edl_convert"])
     mode = spec.pop("mode")
-    selection = {SELECTION_ARG_NAMES[k]: spec.pop(k) for k in list(spec) if k in SELECTION_ARG_NAMES}
     num_classes = kwargs.pop("num_classes", None)
     model = timm.create_model(cfg["architecture"], pretrained=False, **{**(cfg.get("model_args") or {}), **kwargs,
                                                                        "num_classes": cfg["num_classes"]})
-    convert(model, mode=mode, inplace=True, **selection, **spec)
+    convert_with_args(model, mode, spec)
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     model.edl_convert = dict(cfg["edl_convert"])
     # the saved preprocessing (mean, std, input size) is the one the weights were trained with

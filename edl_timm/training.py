@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attacks import Normalized, fgsm_rs, parse_eps, pgd, pgd_step_size, trades_adversary
-from .convert import EDL_ARG_NAMES, MODEL_MODES, SELECTION_ARG_NAMES, convert
+from .convert import EDL_ARG_NAMES, MODEL_MODES, SELECTION_ARG_NAMES, convert_with_args
 from .data import load_image_split, random_crop_flip
 from .layers import edl_layers
 
@@ -165,8 +165,7 @@ def _convert_model(model: nn.Module, mode: str, args: Dict[str, Any]) -> nn.Modu
     if hasattr(model, "edl_cfg"):  # an edl_* family model built with mode=none
         apply_edl(model, mode, {**{k: v for k, v in model.edl_cfg.items() if k != "mode"}, **args})
     else:
-        selection = {SELECTION_ARG_NAMES[k]: v for k, v in args.items() if k in SELECTION_ARG_NAMES}
-        convert(model, mode=mode, inplace=True, **selection, **{k: v for k, v in args.items() if k in EDL_ARG_NAMES})
+        convert_with_args(model, mode, args)
         model.edl_convert = dict(mode=mode, **args)
     if not edl_layers(model):
         raise TrainingInputError("--convert: no layer of the model was selected for conversion (see edl_timm.convert)")

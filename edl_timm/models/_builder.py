@@ -8,7 +8,7 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._builder import resolve_pretrained_cfg
 
-from ..convert import SELECTION_ARG_NAMES, convert, split_edl_args
+from ..convert import convert_with_args, split_edl_args
 from ..hub import (
     WeightsUnavailableError, check_checkpoint_folder, hub_access, hub_model_args, pretrained_cfgs_for, release_folder,
     translate_load_errors,
@@ -57,8 +57,7 @@ def apply_edl(model: nn.Module, mode: str, edl_args: Optional[Dict[str, Any]]) -
     ``model.edl_cfg`` (what a saved config needs to rebuild it)."""
     edl_args = dict(edl_args or {})
     model.edl_cfg = dict(mode=mode, **edl_args)
-    selection = {SELECTION_ARG_NAMES[k]: edl_args.pop(k) for k in list(edl_args) if k in SELECTION_ARG_NAMES}
-    convert(model, mode=mode, inplace=True, **selection, **edl_args)
+    convert_with_args(model, mode, edl_args)
 
 
 def _has_weights(cfg) -> bool:
