@@ -408,9 +408,26 @@ def _scheduler(cfg: TrainConfig, optimizer, total_steps: int, steps_per_epoch: i
                            warmup_lr_init=cfg.lr * 0.01, t_in_epochs=False)
 
 
-def _resume(cfg: TrainConfig, accelerator, output_dir: Path):
+@dataclass
+class _RunState:
+    """Where a run stands: what a checkpoint's trainer_state.json holds and a resume restores.
+    ``train_seconds`` is the wall clock of every process that worked on the run (per-epoch evaluation
+    included), summed over resumes."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    loss: float = float("nan")
+    log_lines: int = 0
+    train_seconds: float = 0.0
+
+    def saved(self, seconds_since_start: float) -> Dict[str, Any]:
+        return dict(dataclasses.asdict(self), train_seconds=self.train_seconds + seconds_since_start)
+
+
+def _resume(cfg: TrainConfig, accelerator, output_dir: Path) -> _RunState:
     """Load the checkpoint ``cfg.resume`` names (or the latest, for "auto") into the prepared objects;
-    returns where the run stands: (step, epoch, batches done in it, last loss, log lines kept)."""
+    returns where the run stands (a fresh state when there is nothing to resume)."""
     ckpt = None
     if cfg.resume:
         # "auto" with nothing saved yet (a run killed before its first checkpoint) starts afresh
@@ -418,10 +435,11 @@ def _resume(cfg: TrainConfig, accelerator, output_dir: Path):
         if cfg.resume != "auto" and not (ckpt / "trainer_state.json").exists():
             raise TrainingInputError(f"no complete checkpoint to resume from at {ckpt}")
     if ckpt is None:
-        return 0, 0, 0, float("nan"), 0
+        return _RunState()
     accelerator.load_state(str(ckpt))
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    return state["step"], state["epoch"], state["batch_in_epoch"], state.get("loss", float("nan")), state.get("log_lines", 0)
+    known = {f.name for f in dataclasses.fields(_RunState)}
+    return _RunState(**{k: v for k, v in state.items() if k in known})
 
 
 class _RunLog:
@@ -493,7 +511,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_for_checkpointing(_SolverState(accelerator.unwrap_model(net)))
 
-    step, start_epoch, skip, last_loss, log_lines = _resume(cfg, accelerator, output_dir)
+    run = _resume(cfg, accelerator, output_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -502,28 +520,26 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     if cfg.log_with:
         accelerator.init_trackers("edl-timm", config={k: v for k, v in dataclasses.asdict(cfg).items()
                                                       if isinstance(v, (int, float, str, bool))})
-    log = _RunLog(accelerator, output_dir / "log.jsonl", log_lines, bool(cfg.log_with))
+    log = _RunLog(accelerator, output_dir / "log.jsonl", run.log_lines, bool(cfg.log_with))
     metrics: Dict[str, Any] = {}
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=step, disable=cfg.quiet or not accelerator.is_local_main_process, desc="train")
+    bar = tqdm(total=total_steps, initial=run.step, disable=cfg.quiet or not accelerator.is_local_main_process, desc="train")
     t0 = time.time()
     images_seen = 0
-    done = step >= total_steps
-    epoch = start_epoch
-    while not done and epoch < cfg.epochs:
+    done = run.step >= total_steps
+    while not done and run.epoch < cfg.epochs:
         if cfg.elastic_from_epoch > 0:
-            _set_edl_phase(accelerator.unwrap_model(net).model, elastic=epoch >= cfg.elastic_from_epoch)
-        loader.set_epoch(epoch)
+            _set_edl_phase(accelerator.unwrap_model(net).model, elastic=run.epoch >= cfg.elastic_from_epoch)
+        loader.set_epoch(run.epoch)
+        skip = run.batch_in_epoch  # batches a resumed epoch has done already
         epoch_loader = accelerator.skip_first_batches(loader, skip * cfg.grad_accum) if skip else loader
-        batch_in_epoch = skip
-        skip = 0
         net.train()
         for micro, (idx,) in enumerate(epoch_loader):
             # one generator per (step, micro-batch, process): augmentation and attack noise are
             # reproduced exactly on resume without saving their state
-            g = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + step) * 64 + micro % cfg.grad_accum) * 4096
+            g = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + run.step) * 64 + micro % cfg.grad_accum) * 4096
                                               + accelerator.process_index)
             x = train_x[idx]
             if cfg.augment:
@@ -541,31 +557,30 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             images_seen += len(y)
             if not accelerator.sync_gradients:
                 continue
-            step += 1
-            batch_in_epoch += 1
-            scheduler.step_update(num_updates=step)
+            run.step += 1
+            run.batch_in_epoch += 1
+            scheduler.step_update(num_updates=run.step)
             bar.update(1)
-            last_loss = loss.item()
-            if step % 10 == 0 or step == total_steps:
-                log({"step": step, "epoch": epoch, "loss": last_loss, "lr": optimizer.param_groups[0]["lr"]})
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                _save_checkpoint(accelerator, net, output_dir, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                                                                "loss": last_loss, "log_lines": log.lines},
-                                 cfg.keep_checkpoints, cfg)
-            if step >= total_steps:
+            run.loss = loss.item()
+            if run.step % 10 == 0 or run.step == total_steps:
+                log({"step": run.step, "epoch": run.epoch, "loss": run.loss, "lr": optimizer.param_groups[0]["lr"]})
+            if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step < total_steps:
+                run.log_lines = log.lines
+                _save_checkpoint(accelerator, net, output_dir, run.saved(time.time() - t0), cfg.keep_checkpoints, cfg)
+            if run.step >= total_steps:
                 done = True
                 break
-        epoch_end = batch_in_epoch >= steps_per_epoch
+        epoch_end = run.batch_in_epoch >= steps_per_epoch
         metrics = _evaluate(accelerator, net, eval_x, eval_y, cfg, cfg.batch_size)
-        metrics.update(step=step, epoch=epoch, loss=last_loss, images_per_s=images_seen * accelerator.num_processes
-                       / max(time.time() - t0, 1e-9))
+        metrics.update(step=run.step, epoch=run.epoch, loss=run.loss, images_per_s=images_seen * accelerator.num_processes
+                       / max(time.time() - t0, 1e-9), train_seconds=round(run.saved(time.time() - t0)["train_seconds"], 1))
         log(dict(metrics))
         if epoch_end:
-            epoch += 1
+            run.epoch += 1
+            run.batch_in_epoch = 0
         if not done:
-            _save_checkpoint(accelerator, net, output_dir, {"step": step, "epoch": epoch, "batch_in_epoch": 0,
-                                                            "loss": last_loss, "log_lines": log.lines},
-                             cfg.keep_checkpoints, cfg)
+            run.log_lines = log.lines
+            _save_checkpoint(accelerator, net, output_dir, run.saved(time.time() - t0), cfg.keep_checkpoints, cfg)
     bar.close()
     # every process must end with the same weights; a difference is a sharding or DDP bug
     sums = accelerator.gather(_params_checksum(accelerator.unwrap_model(net)).to(accelerator.device))

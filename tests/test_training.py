@@ -317,8 +317,8 @@ KILL_RUN = ["--epochs", "2", "--checkpoint-every", "3", "--adv", "fgsm", "--trai
 
 
 def log_records(out):
-    """log.jsonl without its wall-clock field."""
-    return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"}
+    """log.jsonl without its wall-clock fields."""
+    return [{k: v for k, v in json.loads(line).items() if k not in ("images_per_s", "train_seconds")}
             for line in (out / "log.jsonl").read_text().splitlines()]
 
 
@@ -372,7 +372,13 @@ def test_grad_accumulation_resumes_exactly_from_a_mid_run_checkpoint(cifar_dir, 
     ckpt = tmp_path / "full" / "checkpoints" / "step_00000002"
     assert ckpt.is_dir() and json.loads((ckpt / "trainer_state.json").read_text())["batch_in_epoch"] == 2
     shutil.copytree(ckpt, tmp_path / "step2")
-    train(TrainConfig(output_dir=str(tmp_path / "resumed"), resume=str(tmp_path / "step2"), **common))
+    # the wall clock is summed over resumes: a run that had worked 1000 s before its checkpoint
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert 0 < state["train_seconds"] < 600
+    (tmp_path / "step2" / "trainer_state.json").write_text(json.dumps(dict(state, train_seconds=1000.0)))
+    t0 = time.time()
+    metrics = train(TrainConfig(output_dir=str(tmp_path / "resumed"), resume=str(tmp_path / "step2"), **common))
+    assert 1000 < metrics["train_seconds"] <= 1000 + (time.time() - t0) + 0.1
     full, resumed = weights(tmp_path / "full"), weights(tmp_path / "resumed")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     # and accumulation is not a no-op: one micro-batch per step gives other weights
