@@ -9,7 +9,7 @@ import datetime
 import logging
 import os
 import platform
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -346,6 +346,7 @@ _RESULT = {
         "attack": {"enum": list(REPORTED_ATTACKS)},
         "accuracy": {"type": "number", "minimum": 0, "maximum": 100},
         "n": {"type": "integer", "minimum": 1},
+        "selection": {"type": "string"},
         "norm": {"enum": ["Linf", "L2"]},
         "eps": {"type": "number", "minimum": 0},
         "settings": {"type": "object"},
@@ -414,25 +415,37 @@ def _versions() -> Dict[str, str]:
 
 
 @deterministic_kernels()  # every attack and forward of the report, so that it can be reproduced
+def _as_pixels(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.uint8:
+        x = x.float() / 255
+    if not (0 <= x.min() and x.max() <= 1):
+        raise ValueError("images must be in [0, 1] (or uint8); the normalisation runs inside the wrapped model")
+    return x
+
+
 def evaluate(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, source: str, eps: float = 8 / 255, norm: str = "Linf",
     pgd_steps: int = 20, pgd_step_size: Optional[float] = None, restarts: int = 1, autoattack: Optional[str] = "standard",
     autoattack_attacks: Optional[Sequence[str]] = None, do_audit: bool = False, surrogate: Optional[nn.Module] = None,
     surrogate_name: str = "", plot_path: Optional[str] = None, batch_size: int = 256, seed: int = 0,
     data: Optional[Dict[str, Any]] = None, weights_sha256: Optional[str] = None, verbose: bool = False,
-    eps_sweep: Optional[Sequence[float]] = None,
+    eps_sweep: Optional[Sequence[float]] = None, clean_set: Optional[Tuple[torch.Tensor, torch.Tensor, str]] = None,
 ) -> Dict[str, Any]:
-    """Evaluate a timm ``model`` (normalised input; wrapped here) on pixels ``x`` in [0, 1]; return the report."""
-    if x.dtype == torch.uint8:
-        x = x.float() / 255
-    if not (0 <= x.min() and x.max() <= 1):
-        raise ValueError("images must be in [0, 1] (or uint8); the normalisation runs inside the wrapped model")
+    """Evaluate a timm ``model`` (normalised input; wrapped here) on pixels ``x`` in [0, 1]; return the report.
+
+    ``clean_set``: (images, labels, how they were chosen) for the clean accuracy when it is measured on
+    more images than the attacks (a forward is cheap; an attack costs hundreds), e.g. the whole split."""
+    x = _as_pixels(x)
+    clean_x, clean_y, clean_selection = (_as_pixels(clean_set[0]), clean_set[1], clean_set[2]) if clean_set else (x, y, None)
     net = pixel_model(model)
     twin = pixel_model(surrogate) if surrogate is not None else None
     check_deterministic(net, x[: min(len(x), 16)].to(next(net.parameters()).device))
     n = len(y)
     threat = {"norm": norm, "eps": float(eps)}
-    results: List[Dict[str, Any]] = [{"attack": "clean", "accuracy": accuracy(net, x, y, batch_size), "n": n}]
+    clean = {"attack": "clean", "accuracy": accuracy(net, clean_x, clean_y, batch_size), "n": len(clean_y)}
+    if clean_selection:
+        clean["selection"] = clean_selection
+    results: List[Dict[str, Any]] = [clean]
     step_size = pgd_step_size if pgd_step_size is not None else default_step(eps, max(pgd_steps, 1))
     pgd_acc = pgd_accuracy(net, x, y, eps, pgd_steps, step_size, restarts, norm, batch_size, seed, verbose)
     results.append({"attack": "pgd", "accuracy": pgd_acc, "n": n, **threat,
@@ -480,7 +493,8 @@ def format_table(report: Dict[str, Any]) -> str:
              f"{report['data']['selection']}), {report['threat_model']['norm']} eps={report['threat_model']['eps']:.4g}"]
     for r in report["results"]:
         what = describe_attack(r["attack"], r.get("settings"))
-        lines.append(f"  {what:<34} {r['accuracy']:6.2f}%")
+        other_n = f"  (n={r['n']}, {r.get('selection', '')})" if r["n"] != report["data"]["n"] else ""
+        lines.append(f"  {what:<34} {r['accuracy']:6.2f}%{other_n}")
     lines.append(f"  {'robust (min over attacks)':<34} {report['robust_accuracy']:6.2f}%")
     if report["audit"] is not None:
         flags = report["audit"]["flags"]

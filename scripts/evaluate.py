@@ -51,6 +51,19 @@ def load(source, pretrained, device):
     return model.to(device).eval()
 
 
+def count_or_all(value):
+    """--clean-n: a positive number of images, or "all" (None: the whole split)."""
+    if value == "all":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of images or 'all', got {value!r}")
+    return n
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="arch.tag, hf-hub:org/name, local-dir:/path or a training output folder")
@@ -60,6 +73,7 @@ def main(argv=None):
     p.add_argument("--image-column", default=None)
     p.add_argument("--label-column", default=None)
     p.add_argument("--n", type=int, default=1000, help="first N test examples (a seeded random N if the split is sorted by class)")
+    p.add_argument("--clean-n", type=count_or_all, default=False, help="clean accuracy on this many test examples, chosen as --n (all: the whole split; default: the attacks' --n)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--norm", default="Linf", choices=["Linf", "L2"])
@@ -88,6 +102,10 @@ def main(argv=None):
         return 2
     # the whole split's labels decide how the subset is chosen, and the report says which way
     selection = describe_subset(y, args.n, args.seed)
+    clean_set = None
+    if args.clean_n is not False:
+        picked = select_subset(y, args.clean_n, args.seed)
+        clean_set = (x[picked], y[picked], describe_subset(y, args.clean_n, args.seed))
     keep = select_subset(y, args.n, args.seed)
     x, y = x[keep], y[keep]
     out = Path(args.output) if args.output else (Path(args.model) if os.path.isdir(args.model) else Path(".")) / "eval_report.json"
@@ -99,7 +117,7 @@ def main(argv=None):
         autoattack_attacks=args.aa_attacks, do_audit=args.audit, surrogate=surrogate, surrogate_name=args.surrogate or "",
         plot_path=str(out.with_suffix(".eps_sweep.png")) if args.audit else None, batch_size=args.batch_size, seed=args.seed, verbose=not args.quiet,
         data={"dataset": args.dataset, "split": args.split, "selection": selection, "note": dataset_note(args.dataset)},
-        weights_sha256=sha256_file(wf) if wf and wf.exists() else None,
+        weights_sha256=sha256_file(wf) if wf and wf.exists() else None, clean_set=clean_set,
     )
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2))

@@ -52,15 +52,23 @@ def test_evaluate_refuses_pixels_outside_0_1_and_unknown_models(tmp_path, cifar_
         evaluate(model, torch.full((2, 3, 2, 2), 2.0), torch.zeros(2, dtype=torch.long), source="x", autoattack=None)
     done = run("evaluate.py", "--model", "edl_resnet_nope", "--dataset", cifar_dir, "--n", 8)
     assert done.returncode == 2 and "unknown model 'edl_resnet_nope'" in done.stderr
+    done = run("evaluate.py", "--model", "edl_resnet18", "--dataset", cifar_dir, "--clean-n", "0")
+    assert done.returncode == 2 and "--clean-n: expected a positive number of images or 'all', got '0'" in done.stderr
 
 
 @pytest.mark.slow
 def test_push_to_hub_dry_run_writes_the_release_and_its_config_offline(tiny_run, cifar_dir, tmp_path):
     out, _ = tiny_run
     report_path = tmp_path / "report.json"
-    done = run("evaluate.py", "--model", out, "--dataset", cifar_dir, "--n", 32, "--steps", 2, "--autoattack", "none",
-               "--output", report_path, "--quiet")
+    done = run("evaluate.py", "--model", out, "--dataset", cifar_dir, "--n", 32, "--clean-n", 64, "--steps", 2,
+               "--autoattack", "none", "--output", report_path, "--quiet")
     assert done.returncode == 0, done.stderr[-3000:]
+    # clean accuracy on its own, larger seeded subset (the same the library picks); the attacks on the 32
+    clean, pgd = json.loads(report_path.read_text())["results"]
+    assert (clean["n"], pgd["n"]) == (64, 32)
+    assert clean["selection"] == "64 images drawn at random (seed 0): the split is sorted by class"
+    x, y = load_image_split(str(cifar_dir), "test", subset=64, seed=0)
+    assert clean["accuracy"] == accuracy(pixel_model(hub.create_model(str(out))), x.float() / 255, y)
     release, configs = tmp_path / "release", tmp_path / "configs"
     done = run("push_to_hub.py", "--train-dir", out, "--eval-report", report_path, "--tag", "dry", "--dataset-id",
                "uoft-cs/cifar10", "--dry-run", "--output-dir", release, "--hub-configs-dir", configs)
