@@ -32,6 +32,15 @@ CITATION = """@article{hou2025edl,
 }"""
 
 
+PLOT_NAME = "eps_sweep.png"
+
+
+def audit_plot(report: Dict[str, Any]) -> Optional[Path]:
+    """The audit's eps-sweep plot named by the report, if the file is there."""
+    path = (report.get("audit") or {}).get("plot")
+    return Path(path) if path and Path(path).is_file() else None
+
+
 def _eps_str(eps: float) -> str:
     k = eps * 255
     return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:g}"
@@ -44,6 +53,8 @@ def metrics_from_report(report: Dict[str, Any]) -> List[Dict[str, Any]]:
     out = []
     for r in report["results"]:
         m = {"attack": r["attack"], "accuracy": round(float(r["accuracy"]), 2), "n": int(r["n"]), "dataset": dataset}
+        if r.get("selection"):
+            m["selection"] = r["selection"]
         if r["attack"] != "clean":
             m.update(norm=r.get("norm", report["threat_model"]["norm"]), eps=float(r.get("eps", report["threat_model"]["eps"])),
                      settings=r.get("settings", {}))
@@ -55,6 +66,34 @@ def _describe(m: Dict[str, Any]) -> str:
     if m["attack"] == "clean":
         return "clean"
     return f"{describe_attack(m['attack'], m.get('settings'))}, {m['norm']} eps={_eps_str(m['eps'])}"
+
+
+def training_summary(args: Dict[str, Any]) -> str:
+    """How the weights were trained, in words, from the training output's args.json."""
+    if not args:
+        return "trained by a run that recorded no args.json"
+    eps = _eps_str(float(args.get("eps", 8 / 255)))
+    adv = args.get("adv", "none")
+    how = {
+        "none": "trained naturally (no adversarial examples)",
+        "fgsm": f"adversarially trained with FGSM and a random start (L-inf eps {eps})",
+        "pgd": f"adversarially trained with PGD-{args.get('steps')} (L-inf eps {eps})",
+        "trades": f"trained with TRADES (PGD-{args.get('steps')}, L-inf eps {eps}, beta {args.get('trades_beta')})",
+    }.get(adv, f"trained with the {adv!r} objective")
+    length = f"{args['epochs']} epochs" if args.get("max_steps") is None else f"{args['max_steps']} steps"
+    return f"{how} for {length}"
+
+
+def model_description(architecture: str, model_args: Dict[str, Any]) -> str:
+    """What the network is: EDL layers (and which mode), or the plain twin without them."""
+    if model_args.get("mode") == "none":
+        return (f"the plain twin of {architecture}: the same network with ordinary convolutions (`mode=none`) "
+                "instead of EDL layers, the control that EDL's effect is measured against")
+    return f"{architecture} with {model_args.get('mode', 'elastic')} Elastic Dictionary Learning (EDL) layers"
+
+
+def _sentence(text: str) -> str:
+    return text[0].upper() + text[1:] + "."
 
 
 def model_card(cfg: Dict[str, Any], report: Dict[str, Any], args: Dict[str, Any]) -> str:
@@ -83,14 +122,26 @@ def model_card(cfg: Dict[str, Any], report: Dict[str, Any], args: Dict[str, Any]
     rows = "\n".join(
         f"| {_describe(m)} | {m['n']} | {m['accuracy']:.2f} |" for m in cfg["metrics"]
     )
-    recipe = "\n".join(f"- `{k}`: {v}" for k, v in cfg["recipe"].items())
+    attacked = report["data"].get("selection", "first n images")
+    chosen = {m.get("selection") for m in cfg["metrics"] if m.get("selection")}
+    subsets = f"clean accuracy on {', '.join(sorted(chosen))}, the attacks on {attacked}" if chosen else attacked
+    recipe = "\n".join(f"- `{k}`: {_eps_str(v) if k in ('eps', 'alpha') and v else v}" for k, v in cfg["recipe"].items())
     audit = report.get("audit") or {}
+    plot = f"\n\n![PGD accuracy against eps: it must fall to ~0]({PLOT_NAME})" if audit.get("plot") else ""
+    what = model_description(cfg["architecture"], cfg.get("model_args", {}))
     flags = audit.get("flags", [])
-    audit_text = (
-        "The gradient-masking audit (eps sweep, transfer, deeper solver, BPDA, AutoAttack's checks, per-layer "
-        "gradient norms) raised no flag." if audit and not flags else
-        ("The gradient-masking audit raised: " + "; ".join(flags) if flags else "No gradient-masking audit was run.")
-    )
+    if not audit:
+        audit_text = "No gradient-masking audit was run."
+    else:
+        parts = ["eps sweep"]
+        parts += [f"transfer from {audit['transfer'].get('surrogate') or 'a surrogate'}"] if "transfer" in audit else []
+        parts += [f"the solver unrolled to {audit['unrolled']['num_iters']} steps"] if "unrolled" in audit else []
+        parts += ["a straight-through (BPDA) backward"] if "bpda" in audit else []
+        parts += ["AutoAttack's checks"] if any(r["attack"] == "autoattack" for r in report["results"]) else []
+        parts += ["per-layer gradient norms"]
+        missing = "" if "transfer" in audit else " It ran no transfer attack (no surrogate was given)."
+        audit_text = (f"The gradient-masking audit ({', '.join(parts)}) "
+                      + ("raised: " + "; ".join(flags) + "." if flags else "raised no flag.") + missing)
     train_cmd = " ".join(f"--{k.replace('_', '-')} {_eps_str(v) if k == 'eps' else v}" for k, v in args.items()
                          if k in ("adv", "eps", "epochs", "lr") and v is not None)
     return f"""---
@@ -98,9 +149,9 @@ def model_card(cfg: Dict[str, Any], report: Dict[str, Any], args: Dict[str, Any]
 ---
 # {name}
 
-An adversarially trained {cfg['architecture']} with Elastic Dictionary Learning layers
-([edl-timm](https://github.com/edl-timm/edl-timm), arXiv:2502.00834), trained on {cfg['dataset']['id']}.
-Model arguments: `{json.dumps(cfg.get('model_args', {}))}`.
+{_sentence(what)}
+{_sentence(training_summary(args) + " on " + cfg['dataset']['id'])} Model arguments: `{json.dumps(cfg.get('model_args', {}))}`.
+Made with [edl-timm](https://github.com/edl-timm/edl-timm); the method is arXiv:2502.00834.
 
 ## Usage
 
@@ -123,14 +174,14 @@ accelerate launch scripts/train.py --model hf-hub:{cfg['hf_hub_id']} --dataset u
 
 ## Results
 
-Test split of {report['data']['dataset']}, {report['data'].get('selection', 'first n images')}; {report['threat_model']['norm']} threat
+Test split of {report['data']['dataset']}: {subsets}; {report['threat_model']['norm']} threat
 model, eps = {_eps_str(report['threat_model']['eps'])}; attacks in [0, 1] pixel space with the normalisation inside the model.
 
 | attack | n | accuracy (%) |
 |---|---|---|
 {rows}
 
-Robust accuracy (minimum over all attacks): **{report['robust_accuracy']:.2f}%**. {audit_text}
+Robust accuracy (minimum over all attacks): **{report['robust_accuracy']:.2f}%**. {audit_text}{plot}
 
 ## Limitations
 
@@ -197,6 +248,10 @@ def build_release(
         "license": license,
         "notes": notes,
     }
+    done = json.loads((train_dir / "metrics.json").read_text()) if (train_dir / "metrics.json").exists() else {}
+    for key, value in (("images_per_s", done.get("images_per_s")), ("train_hours", done.get("train_seconds"))):
+        if value is not None and "note" not in cfg["recipe"]:
+            cfg["recipe"][key] = round(value / 3600, 2) if key == "train_hours" else round(value, 1)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(f"{output_dir} is not empty: choose a new --output-dir (nothing was overwritten)")
     cfg_name = f"{arch}.{tag}.yaml"
@@ -211,6 +266,13 @@ def build_release(
     partial.mkdir(parents=True)
     shutil.copyfile(weights, partial / "model.safetensors")
     shutil.copyfile(train_dir / "config.json", partial / "config.json")
+    if report.get("audit"):  # the release holds the plot beside the report, which names it there
+        audit = {k: v for k, v in report["audit"].items() if k != "plot"}
+        plot = audit_plot(report)
+        if plot:
+            shutil.copyfile(plot, partial / PLOT_NAME)
+            audit["plot"] = PLOT_NAME
+        report = dict(report, audit=audit)
     (partial / "eval_report.json").write_text(json.dumps(report, indent=2))
     (partial / "README.md").write_text(model_card(cfg, report, args))
     if not hub_configs_dir:

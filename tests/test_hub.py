@@ -148,6 +148,41 @@ def test_release_folder_is_timm_format_with_card_and_config(release):
     assert written["hf_hub_id"] == "edl-timm/edl_resnet18.unit" and written["default"] is True
 
 
+def test_card_says_what_the_model_and_its_training_are_and_ships_the_audit_plot(tmp_path):
+    """A naturally trained plain twin is called that (not "adversarially trained EDL"), its clean row
+    counts the larger clean set, the audit lists only the checks it ran, and the plot travels along."""
+    torch.manual_seed(0)
+    model = timm.create_model("edl_resnet18", mode="none", **TINY).eval()
+    train_dir = tmp_path / "train"
+    save_for_hf(model, train_dir, model_args={"mode": "none"}, safe_serialization=True)
+    (train_dir / "args.json").write_text(json.dumps({"adv": "none", "eps": 8 / 255, "epochs": 3, "lr": 0.1, "seed": 0}))
+    (train_dir / "metrics.json").write_text(json.dumps({"images_per_s": 61.26, "train_seconds": 5400.0}))
+    x_all = torch.rand(12, 3, 32, 32)
+    y_all = model(x_all).argmax(1)
+    y_all[:3] = (y_all[:3] + 1) % 1000  # three of twelve wrong: 75% clean on the whole set
+    plot = tmp_path / "sweep.png"
+    report = evaluate(model, x_all[3:7], y_all[3:7], source=str(train_dir), autoattack=None, pgd_steps=1, do_audit=True,
+                      eps_sweep=[0.0, 8 / 255], plot_path=str(plot), clean_set=(x_all, y_all, "all 12 images"),
+                      weights_sha256=hub.sha256_file(train_dir / "model.safetensors"),
+                      data={"dataset": "uoft-cs/cifar10", "split": "test", "selection": "4 chosen tensors"})
+    clean = report["results"][0]
+    assert (clean["n"], clean["accuracy"], clean["selection"]) == (12, 75.0, "all 12 images")
+    assert all(r["n"] == 4 for r in report["results"][1:]) and report["data"]["n"] == 4
+    out = tmp_path / "release"
+    cfg = build_release(train_dir, report, out, "twin", hub_configs_dir=tmp_path / "configs")
+    assert (out / "eps_sweep.png").read_bytes() == plot.read_bytes()
+    assert json.loads((out / "eval_report.json").read_text())["audit"]["plot"] == "eps_sweep.png"
+    assert cfg["recipe"]["images_per_s"] == 61.3 and cfg["recipe"]["train_hours"] == 1.5
+    assert cfg["metrics"][0]["selection"] == "all 12 images"
+    card = (out / "README.md").read_text()
+    assert "The plain twin of edl_resnet18: the same network with ordinary convolutions" in card
+    assert "Trained naturally (no adversarial examples) for 3 epochs on uoft-cs/cifar10." in card
+    assert "adversarially trained" not in card and "Elastic Dictionary Learning (EDL) layers" not in card
+    assert "clean accuracy on all 12 images, the attacks on 4 chosen tensors" in card
+    assert "| clean | 12 | 75.00 |" in card and "![PGD accuracy against eps" in card
+    assert "It ran no transfer attack" in card and "the solver unrolled" not in card  # the twin has no solver
+
+
 def test_release_refuses_weights_that_were_not_evaluated(release, tmp_path):
     _, out, _, _ = release
     report = json.loads((out / "eval_report.json").read_text())
