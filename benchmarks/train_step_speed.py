@@ -23,7 +23,7 @@ import edl_timm  # noqa: F401  (registers the models)
 from _timing import fastest_times
 from edl_timm.attacks import Normalized, fgsm_rs
 from edl_timm.cpu import keep_freed_memory
-from edl_timm.layers import _fused
+from edl_timm.layers import _fused, fit_step_sizes
 
 
 def make_step(net, x, y, adv, bf16):
@@ -41,14 +41,17 @@ def make_step(net, x, y, adv, bf16):
     return step
 
 
-def build(name, channels_last, device, compile_, **kwargs):
+def build(name, example, compile_, **kwargs):
     torch.manual_seed(0)
     model = timm.create_model(name, **kwargs)
     cfg = model.pretrained_cfg
-    net = Normalized(model, cfg["mean"], cfg["std"]).train().to(device)
-    if channels_last:
+    net = Normalized(model, cfg["mean"], cfg["std"]).train().to(example.device)
+    if example.is_contiguous(memory_format=torch.channels_last) and not example.is_contiguous():
         net = net.to(memory_format=torch.channels_last)
-    return torch.compile(net) if compile_ else net
+    if not compile_:
+        return net
+    fit_step_sizes(net, example[:1])  # what the first eager training forward does; a compiled one cannot
+    return torch.compile(net)
 
 
 def table(args):
@@ -66,8 +69,8 @@ def table(args):
         for adv, layout, dtype in itertools.product(args.adv, ("NCHW", "NHWC"), ("fp32", "bf16")):
             cl, bf16 = layout == "NHWC", dtype == "bf16"
             xb = x.contiguous(memory_format=torch.channels_last) if cl else x
-            twin = build(name, cl, args.device, args.compile, mode="none", num_classes=10)
-            edl = build(name, cl, args.device, args.compile, num_classes=10)
+            twin = build(name, xb, args.compile, mode="none", num_classes=10)
+            edl = build(name, xb, args.compile, num_classes=10)
             t_twin, t_edl = fastest_times([make_step(twin, xb, y, adv, bf16), make_step(edl, xb, y, adv, bf16)],
                                           args.repeats)
             if not bf16:

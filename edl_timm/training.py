@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .attacks import Normalized, fgsm_rs, parse_eps, pgd, pgd_step_size, trades_adversary
 from .convert import EDL_ARG_NAMES, MODEL_MODES, SELECTION_ARG_NAMES, convert_with_args
 from .data import load_image_split, random_crop_flip
-from .layers import edl_layers
+from .layers import edl_layers, fit_step_sizes
 
 __all__ = ["TrainConfig", "train", "TrainingInputError", "ADV_OBJECTIVES"]
 
@@ -307,7 +307,7 @@ def _save_checkpoint(accelerator, net: nn.Module, output_dir: Path, state: Dict[
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    with _standard_layout(accelerator.unwrap_model(net), cfg):
+    with _standard_layout(_plain(accelerator, net), cfg):
         accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -339,7 +339,7 @@ def _save_final(accelerator, model: nn.Module, output_dir: Path, cfg: TrainConfi
 
     if not accelerator.is_main_process:
         return
-    model = accelerator.unwrap_model(model).to(memory_format=torch.contiguous_format)  # a release keeps the usual layout
+    model = _plain(accelerator, model).to(memory_format=torch.contiguous_format)  # a release keeps the usual layout
     tmp = output_dir / ".final_tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model_args = dict(getattr(model, "edl_cfg", {}))
@@ -368,9 +368,19 @@ class _SolverState:
         return {n: m._power_u.detach().cpu().clone() for n, m in self.layers}
 
     def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        # accelerate loads custom objects after the model: the step size the checkpoint holds was
+        # refreshed after the run's last optimizer step, so it fits the loaded weight as it is (a
+        # refresh here would run one power iteration more than the uninterrupted run)
         for n, m in self.layers:
             if n in state:
                 m._power_u = state[n].to(m.weight.device)
+                m._weight_version = m.weight._version
+
+
+def _plain(accelerator, net: nn.Module) -> nn.Module:
+    """The prepared ``net`` without its DDP / autocast / torch.compile wrappers (a compiled module's
+    parameter names start with ``_orig_mod.``: checkpoints of compiled and eager runs stay alike)."""
+    return accelerator.unwrap_model(net, keep_torch_compile=False)
 
 
 def _params_checksum(model: nn.Module) -> torch.Tensor:
@@ -465,7 +475,7 @@ class _RunLog:
 def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Train or fine-tune ``cfg.model``; returns the final metrics (also in output_dir/metrics.json)."""
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-    from accelerate.utils import set_seed
+    from accelerate.utils import DynamoBackend, set_seed
     from timm.optim import create_optimizer_v2
 
     output_dir = Path(cfg.output_dir)
@@ -488,6 +498,11 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         net.to(memory_format=torch.channels_last)
     if cfg.elastic_from_epoch > 0:
         _set_edl_phase(model, elastic=False)
+    if accelerator.state.dynamo_plugin.backend != DynamoBackend.NO:
+        # accelerate compiles the model in prepare() (accelerate launch --dynamo_backend, or
+        # ACCELERATE_DYNAMO_BACKEND). A compiled forward cannot size the EDL step sizes for the input
+        # as the first eager training forward does (edl_timm/layers/edl.py): size them here
+        fit_step_sizes(net, _to_layout(train_x[:1].float().div(255), cfg))
 
     steps_per_epoch = len(train_y) // (cfg.batch_size * accelerator.num_processes * cfg.grad_accum)
     if steps_per_epoch == 0:
@@ -509,7 +524,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     # would cost a blocking copy back every step
     loader = accelerator.prepare_data_loader(loader, device_placement=False)
     accelerator.register_for_checkpointing(scheduler)
-    accelerator.register_for_checkpointing(_SolverState(accelerator.unwrap_model(net)))
+    accelerator.register_for_checkpointing(_SolverState(_plain(accelerator, net)))
 
     run = _resume(cfg, accelerator, output_dir)
     accelerator.wait_for_everyone()
@@ -531,7 +546,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     done = run.step >= total_steps
     while not done and run.epoch < cfg.epochs:
         if cfg.elastic_from_epoch > 0:
-            _set_edl_phase(accelerator.unwrap_model(net).model, elastic=run.epoch >= cfg.elastic_from_epoch)
+            _set_edl_phase(_plain(accelerator, net).model, elastic=run.epoch >= cfg.elastic_from_epoch)
         loader.set_epoch(run.epoch)
         skip = run.batch_in_epoch  # batches a resumed epoch has done already
         epoch_loader = accelerator.skip_first_batches(loader, skip * cfg.grad_accum) if skip else loader
@@ -583,11 +598,11 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             _save_checkpoint(accelerator, net, output_dir, run.saved(time.time() - t0), cfg.keep_checkpoints, cfg)
     bar.close()
     # every process must end with the same weights; a difference is a sharding or DDP bug
-    sums = accelerator.gather(_params_checksum(accelerator.unwrap_model(net)).to(accelerator.device))
+    sums = accelerator.gather(_params_checksum(_plain(accelerator, net)).to(accelerator.device))
     metrics["ranks_identical"] = bool(torch.all(sums == sums[0]).item())
     metrics["num_processes"] = accelerator.num_processes
-    metrics["betas"] = {n: round(m.beta.item(), 4) for n, m in edl_layers(accelerator.unwrap_model(net).model)}
-    _save_final(accelerator, accelerator.unwrap_model(net).model, output_dir, cfg, metrics)
+    metrics["betas"] = {n: round(m.beta.item(), 4) for n, m in edl_layers(_plain(accelerator, net).model)}
+    _save_final(accelerator, _plain(accelerator, net).model, output_dir, cfg, metrics)
     if cfg.log_with:
         accelerator.end_training()
     accelerator.wait_for_everyone()

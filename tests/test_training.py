@@ -480,3 +480,26 @@ def test_adamw_decays_weights_but_not_norms_biases_or_beta(cifar_dir, tmp_path):
     assert (after["fc.weight"] - 0.9 * init["fc.weight"]).abs().max() > 0  # and the Adam step is there too
     for k in ("bn1.weight", "bn1.bias", "fc.bias", "conv1.beta_logit", "layer3.0.conv2.beta_logit"):
         assert (after[k] - init[k]).abs().max() <= 1.5e-3, k
+
+
+@pytest.mark.slow
+def test_training_compiled_through_accelerate_has_no_graph_break_and_matches_eager(cifar_dir, tmp_path):
+    """accelerate's own switch (ACCELERATE_DYNAMO_BACKEND, as accelerate launch --dynamo_backend sets
+    it) compiles the model in prepare(): FGSM-RS training then runs without a graph break, ends with
+    the eager run's weights, and its checkpoint names match an eager run's."""
+    extra = ["--max-steps", "4", "--adv", "fgsm", "--eval-subset", "16", "--eval-pgd-steps", "1", "--checkpoint-every", "2"]
+    # both on the eager solver: FGSM's sign() turns rounding differences (fused kernels against the
+    # compiled eager solver) into flipped pixels, and the runs apart
+    env = dict(os.environ, OMP_NUM_THREADS="1", EDL_TIMM_FUSED="0")
+    eager = run_cli(base_args(cifar_dir, tmp_path / "eager", *extra), env=env)
+    assert eager.returncode == 0, eager.stderr[-3000:]
+    compiled = run_cli(base_args(cifar_dir, tmp_path / "compiled", *extra),
+                       env=dict(env, ACCELERATE_DYNAMO_BACKEND="aot_eager", TORCH_LOGS="graph_breaks"))
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    assert "Graph break" not in compiled.stderr, compiled.stderr[-3000:]
+    a, b = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    saved = lambda out: sorted(p.name for p in (out / "checkpoints" / "step_00000002").iterdir())  # noqa: E731
+    assert saved(tmp_path / "compiled") == saved(tmp_path / "eager")

@@ -1,5 +1,5 @@
 """EDL layers: the elastic dictionary-learning convolution and linear layer."""
 from ._fused import eager as eager_solver
-from .edl import EDL_MODES, EDLConv2d, EDLLinear, edl_layers, is_edl_layer
+from .edl import EDL_MODES, EDLConv2d, EDLLinear, edl_layers, fit_step_sizes, is_edl_layer
 
-__all__ = ["EDL_MODES", "EDLConv2d", "EDLLinear", "eager_solver", "edl_layers", "is_edl_layer"]
+__all__ = ["EDL_MODES", "EDLConv2d", "EDLLinear", "eager_solver", "edl_layers", "fit_step_sizes", "is_edl_layer"]

@@ -232,6 +232,10 @@ def wanted(ctx, i: int) -> bool:
     reweighting node asks it too."""
     if not ctx.needs_input_grad[i]:
         return False
+    if torch.compiler.is_compiling():
+        # a traced backward has no engine to ask (and no next_functions); the compiled graph drops
+        # a gradient nobody uses by itself
+        return True
     node = ctx.next_functions[ctx.edges[i]][0]  # next_functions has one edge per tensor input
     if node is None:
         return False

@@ -54,6 +54,7 @@ TorchScript, fx, torch.compile) it runs ``solve`` below, the eager reference, wh
 a hand-written backward.
 """
 import math
+import weakref
 from typing import List, Optional, Tuple
 
 import torch
@@ -62,10 +63,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _fused
 
-__all__ = ["EDLConv2d", "EDLLinear", "EDL_MODES", "is_edl_layer"]
+__all__ = ["EDLConv2d", "EDLLinear", "EDL_MODES", "fit_step_sizes", "is_edl_layer"]
 
 EDL_MODES = ("elastic", "vanilla", "robust")
 
@@ -135,6 +137,47 @@ class _Reweight(torch.autograd.Function):
             grad_r = torch.ops.aten.hardtanh_backward.grad_input(grad, r, -eps, eps, grad_input=buf)
             grad_r.lerp_(grad, w.to(grad.dtype))
         return grad_r, grad_w, None
+
+
+# Every EDL layer alive in the process (weakly held), for the optimizer step post-hook below.
+_LIVE_LAYERS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _refresh_after_optimizer_step(optimizer, args, kwargs) -> None:
+    """Global optimizer step post-hook: refresh the step size of every EDL layer whose weight the
+    optimizer holds and just changed. The training forward refreshes it too (a no-op then), but a
+    compiled forward cannot; and after the last step of a run the evaluation sees the final weights'
+    step size. torch's own hook registry is used so that any training loop, ours or a user's, keeps
+    the step size in step with the weights."""
+    if not _LIVE_LAYERS:
+        return
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for layer in list(_LIVE_LAYERS):
+        if id(layer.weight) in held and layer.weight._version != layer._weight_version:
+            layer._refresh_step_size()
+
+
+@torch.no_grad()
+def fit_step_sizes(model: nn.Module, example: torch.Tensor) -> None:
+    """Set every EDL layer's step size for the input size it sees when ``model`` runs ``example``
+    (one forward in eval mode, so no running statistics change), as the first training forward
+    does in eager mode. A compiled forward cannot (it only records the size, for the refresh after
+    the next optimizer step): call this before compiling a model for training."""
+    shapes = {}
+    layers = [m for m in model.modules() if is_edl_layer(m)]
+    handles = [m.register_forward_pre_hook(lambda m, args: shapes.__setitem__(m, m._power_shape(args[0]))) for m in layers]
+    was_training = model.training
+    try:
+        model.eval()(example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    for layer, shape in shapes.items():
+        layer._refresh_step_size(shape)
+
+
+register_optimizer_step_post_hook(_refresh_after_optimizer_step)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -258,7 +301,25 @@ class _EDLMixin:
         # input size seen in training).
         self.register_buffer("_power_u", torch.empty(0, device=w.device), persistent=False)
         self._weight_version = -1
+        self._compiled_shape: Optional[List[int]] = None  # the input size a compiled forward saw
         self.update_step_size(num_iters=POWER_ITERS_CONSTRUCT)
+        _LIVE_LAYERS.add(self)
+
+    def __getstate__(self):
+        # A copy's weight is a new tensor whose version counter starts again: record whether the
+        # step size is up to date with the weight, rather than the counter's value
+        state = dict(self.__dict__)
+        state["_weight_version"] = self._weight_version == self.weight._version
+        return state
+
+    def __setstate__(self, state):
+        # copy.deepcopy and unpickling build a layer without __init__: register it for the refresh
+        # after optimizer steps, and carry over whether its step size fits its weight
+        up_to_date = state.get("_weight_version") is True
+        super().__setstate__(state)
+        self.__dict__.setdefault("_compiled_shape", None)
+        self._weight_version = self.weight._version if up_to_date else -1
+        _LIVE_LAYERS.add(self)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -350,15 +411,21 @@ class _EDLMixin:
         self._power_u = u / u.norm().clamp_min(1e-12)
         self.step_size.copy_(STEP_FACTOR / lip.clamp_min(1e-12))  # no .item(): no sync, no graph break
 
-    def _refresh_step_size(self, x: torch.Tensor) -> None:
-        """One warm-started power iteration per change of the weight (an optimizer step, a load).
+    def _refresh_step_size(self, shape: Optional[List[int]] = None) -> None:
+        """One warm-started power iteration per change of the weight (an optimizer step, a load), at
+        the input size ``shape`` (one sample; None: the size a compiled forward last recorded, else
+        the last one used).
 
         Keyed on the weight's version counter, so that gradient accumulation and the recomputed
-        forward of activation checkpointing see the same step size as the first forward.
+        forward of activation checkpointing see the same step size as the first forward. Called by
+        the eager training forward, by ``fit_step_sizes`` and, after every optimizer step, by
+        ``_refresh_after_optimizer_step``.
         """
-        version = self.weight._version
-        shape = self._power_shape(x)
-        if version == self._weight_version and list(self._power_u.shape[1:]) == shape:
+        _LIVE_LAYERS.add(self)
+        if shape is None:
+            shape = self._compiled_shape or self._power_shape(None)
+        self._compiled_shape = None
+        if self.weight._version == self._weight_version and list(self._power_u.shape[1:]) == list(shape):
             return
         self.update_step_size(input_shape=shape)
         self._weight_version = self.weight._version
@@ -374,7 +441,15 @@ class _EDLMixin:
             raise ValueError(f"num_iters must be >= 1, got {steps}")
         if not torch.jit.is_scripting():  # a scripted layer keeps the step size as it is
             if self.training:
-                self._refresh_step_size(x)
+                if torch.compiler.is_compiling():
+                    # No refresh inside a compiled graph: its check reads the weight's version
+                    # counter and Python state that changes every optimizer step (a graph break
+                    # and a recompile per step and per layer). The optimizer step post-hook
+                    # refreshes the step size instead, at the input size recorded here (a plain
+                    # attribute write: dynamo replays it after the graph, and guards on nothing).
+                    self._compiled_shape = self._power_shape(x)
+                else:
+                    self._refresh_step_size(self._power_shape(x))
             if _fused.usable(self, x):  # same arithmetic, fused elementwise passes (CPU, float32 or bf16 autocast)
                 return _fused.solve(self, x, steps)
         if self.normalize_input:
