@@ -125,6 +125,7 @@ def model_card(cfg: Dict[str, Any], report: Dict[str, Any], args: Dict[str, Any]
     attacked = report["data"].get("selection", "first n images")
     chosen = {m.get("selection") for m in cfg["metrics"] if m.get("selection")}
     subsets = f"clean accuracy on {', '.join(sorted(chosen))}, the attacks on {attacked}" if chosen else attacked
+    notes = f"\n\n{cfg['notes'].strip()}" if cfg.get("notes", "").strip() else ""
     recipe = "\n".join(f"- `{k}`: {_eps_str(v) if k in ('eps', 'alpha') and v else v}" for k, v in cfg["recipe"].items())
     audit = report.get("audit") or {}
     plot = f"\n\n![PGD accuracy against eps: it must fall to ~0]({PLOT_NAME})" if audit.get("plot") else ""
@@ -170,7 +171,7 @@ accelerate launch scripts/train.py --model hf-hub:{cfg['hf_hub_id']} --dataset u
 
 ## Training recipe
 
-{recipe}
+{recipe}{notes}
 
 ## Results
 

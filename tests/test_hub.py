@@ -169,7 +169,8 @@ def test_card_says_what_the_model_and_its_training_are_and_ships_the_audit_plot(
     assert (clean["n"], clean["accuracy"], clean["selection"]) == (12, 75.0, "all 12 images")
     assert all(r["n"] == 4 for r in report["results"][1:]) and report["data"]["n"] == 4
     out = tmp_path / "release"
-    cfg = build_release(train_dir, report, out, "twin", hub_configs_dir=tmp_path / "configs")
+    cfg = build_release(train_dir, report, out, "twin", hub_configs_dir=tmp_path / "configs",
+                        notes="Trained on 2 CPU cores.")
     assert (out / "eps_sweep.png").read_bytes() == plot.read_bytes()
     assert json.loads((out / "eval_report.json").read_text())["audit"]["plot"] == "eps_sweep.png"
     assert cfg["recipe"]["images_per_s"] == 61.3 and cfg["recipe"]["train_hours"] == 1.5
@@ -180,6 +181,7 @@ def test_card_says_what_the_model_and_its_training_are_and_ships_the_audit_plot(
     assert "adversarially trained" not in card and "Elastic Dictionary Learning (EDL) layers" not in card
     assert "clean accuracy on all 12 images, the attacks on 4 chosen tensors" in card
     assert "| clean | 12 | 75.00 |" in card and "![PGD accuracy against eps" in card
+    assert "- `train_hours`: 1.5\n\nTrained on 2 CPU cores.\n\n## Results" in card
     assert "It ran no transfer attack" in card and "the solver unrolled" not in card  # the twin has no solver
 
 
