@@ -87,9 +87,9 @@ def training_summary(args: Dict[str, Any]) -> str:
 def model_description(architecture: str, model_args: Dict[str, Any]) -> str:
     """What the network is: EDL layers (and which mode), or the plain twin without them."""
     if model_args.get("mode") == "none":
-        return (f"the plain twin of {architecture}: the same network with ordinary convolutions (`mode=none`) "
+        return (f"the plain twin of `{architecture}`: the same network with ordinary convolutions (`mode=none`) "
                 "instead of EDL layers, the control that EDL's effect is measured against")
-    return f"{architecture} with {model_args.get('mode', 'elastic')} Elastic Dictionary Learning (EDL) layers"
+    return f"`{architecture}` with {model_args.get('mode', 'elastic')} Elastic Dictionary Learning (EDL) layers"
 
 
 def _sentence(text: str) -> str:
@@ -175,7 +175,7 @@ accelerate launch scripts/train.py --model hf-hub:{cfg['hf_hub_id']} --dataset u
 
 ## Results
 
-Test split of {report['data']['dataset']}: {subsets}; {report['threat_model']['norm']} threat
+Test split of {cfg['dataset']['id']}{' (the copy that Limitations names)' if data_note else ''}: {subsets}; {report['threat_model']['norm']} threat
 model, eps = {_eps_str(report['threat_model']['eps'])}; attacks in [0, 1] pixel space with the normalisation inside the model.
 
 | attack | n | accuracy (%) |

@@ -176,7 +176,7 @@ def test_card_says_what_the_model_and_its_training_are_and_ships_the_audit_plot(
     assert cfg["recipe"]["images_per_s"] == 61.3 and cfg["recipe"]["train_hours"] == 1.5
     assert cfg["metrics"][0]["selection"] == "all 12 images"
     card = (out / "README.md").read_text()
-    assert "The plain twin of edl_resnet18: the same network with ordinary convolutions" in card
+    assert "The plain twin of `edl_resnet18`: the same network with ordinary convolutions" in card
     assert "Trained naturally (no adversarial examples) for 3 epochs on uoft-cs/cifar10." in card
     assert "adversarially trained" not in card and "Elastic Dictionary Learning (EDL) layers" not in card
     assert "clean accuracy on all 12 images, the attacks on 4 chosen tensors" in card
