@@ -51,7 +51,11 @@ def test_shipped_configs_are_valid_and_registered():
         name = f"{cfg['architecture']}.{cfg['tag']}"
         assert name in timm.list_pretrained("edl_*"), name
         assert timm.models.get_pretrained_cfg(name).hf_hub_id == cfg["hf_hub_id"]
-    assert len(timm.list_pretrained("edl_*")) == len(cfgs)
+    # timm lists each tag, and an architecture with a default tag under its bare name too
+    tagged = {n for n in timm.list_pretrained("edl_*") if "." in n}
+    assert tagged == {f"{c['architecture']}.{c['tag']}" for c in cfgs}
+    bare = {n for n in timm.list_pretrained("edl_*") if "." not in n}
+    assert bare == {c["architecture"] for c in cfgs if c.get("default")}
 
 
 def test_valid_config_becomes_timm_tags_with_the_default_first(tmp_path):
@@ -249,7 +253,8 @@ def test_no_network_and_nothing_cached_fails_fast_with_remedies(hf_cache, monkey
     with pytest.raises(hub.WeightsUnavailableError) as err:
         hub.create_model("hf-hub:edl-timm/edl_resnet18.missing")
     with pytest.raises(hub.WeightsUnavailableError):
-        timm.create_model("edl_resnet18", pretrained=True, pretrained_cfg_overlay={"hf_hub_id": "edl-timm/missing"})
+        # (edl_resnet34: no release folder in this checkout to fall back on)
+        timm.create_model("edl_resnet34", pretrained=True, pretrained_cfg_overlay={"hf_hub_id": "edl-timm/missing"})
     assert time.time() - t0 < 10
     msg = str(err.value)
     for part in ("edl-timm/edl_resnet18.missing", "cannot be reached", "HF_HUB_OFFLINE=1", "local-dir:", "hf download"):
@@ -316,6 +321,8 @@ def test_wheel_ships_hub_configs_and_registers_their_tags(tmp_path):
     for rel in ("edl_timm", "hub_configs", "pyproject.toml"):  # the working tree, not only what is committed
         subprocess.run(["rm", "-rf", str(src / rel)], check=True)
         subprocess.run(["cp", "-r", str(ROOT / rel), str(src / rel)], check=True)
+    for shipped in (src / "hub_configs").glob("*.yaml"):  # the extra config is the default tag
+        shipped.unlink()
     write(src / "hub_configs", good_config())
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(src)], check=True)
     wheel = next((tmp_path / "dist").glob("edl_timm-*.whl"))

@@ -72,9 +72,12 @@ def build_edl_model(model_cls, variant: str, pretrained: bool = False, **kwargs)
     cfg = resolve_pretrained_cfg(
         variant, pretrained_cfg=kwargs.get("pretrained_cfg"), pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")
     )
-    # a published tag records the arguments its weights were trained with (hub_configs/)
-    for key, value in hub_model_args(variant, cfg.tag).items():
-        kwargs.setdefault(key, value)
+    # a published tag records the arguments its weights were trained with (hub_configs/); they build
+    # its weights' architecture when the weights are loaded or the tag is named, not the bare
+    # architecture (timm.create_model("edl_resnet18") keeps the documented defaults)
+    if pretrained or kwargs.get("pretrained_cfg"):
+        for key, value in hub_model_args(variant, cfg.tag).items():
+            kwargs.setdefault(key, value)
     if pretrained:
         if not _has_weights(cfg):
             raise RuntimeError(
