@@ -25,7 +25,7 @@ def sgd_steps(net, params, x, y, steps):
 
 
 @pytest.mark.slow
-def test_compiled_training_is_one_graph_without_recompiles_and_matches_eager(monkeypatch):
+def test_compiled_training_is_one_graph_without_recompiles_and_matches_eager():
     torch.manual_seed(0)
     model = timm.create_model("edl_resnet18", num_classes=10, **TINY).train()
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
@@ -36,8 +36,9 @@ def test_compiled_training_is_one_graph_without_recompiles_and_matches_eager(mon
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)  # a graph break raises
     first = sgd_steps(compiled, model.parameters(), x, y, 1)
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # so does a recompile from here on
-    compiled_losses = first + sgd_steps(compiled, model.parameters(), x, y, 2)
+    # so does a recompile from here on (dynamo's own patch: monkeypatch's undo deletes the option)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled_losses = first + sgd_steps(compiled, model.parameters(), x, y, 2)
     # (the optimizer is rebuilt above, as is eager's below: both lose their momentum alike)
     eager_losses = sgd_steps(eager, eager.parameters(), x, y, 1) + sgd_steps(eager, eager.parameters(), x, y, 2)
 
