@@ -421,7 +421,6 @@ class _EDLMixin:
         the eager training forward, by ``fit_step_sizes`` and, after every optimizer step, by
         ``_refresh_after_optimizer_step``.
         """
-        _LIVE_LAYERS.add(self)
         if shape is None:
             shape = self._compiled_shape or self._power_shape(None)
         self._compiled_shape = None
