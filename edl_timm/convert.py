@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect
 from typing import Iterable, List, Optional, Sequence, Union
 
 import torch.nn as nn
@@ -32,7 +33,7 @@ import torch.nn as nn
 from .layers import EDL_MODES, EDLConv2d, EDLLinear, is_edl_layer
 
 __all__ = ["convert", "default_selection", "split_edl_args", "MODEL_MODES", "EDL_ARG_NAMES", "SELECTION_ARG_NAMES",
-           "convert_with_args"]
+           "convert_with_args", "edl_layer_defaults"]
 
 MODEL_MODES = EDL_MODES + ("none",)
 EDL_ARG_NAMES = ("num_iters", "lam", "beta_init", "eps", "nonneg", "normalize_atoms", "normalize_input")
@@ -58,6 +59,12 @@ def split_edl_args(kwargs: dict) -> dict:
     """Pop the EDL arguments out of a model's keyword arguments: the layer arguments, and the layer
     selection (``edl_include`` / ``edl_exclude``, fnmatch patterns as ``convert`` takes them)."""
     return {k: kwargs.pop(k) for k in EDL_ARG_NAMES + tuple(SELECTION_ARG_NAMES) if k in kwargs}
+
+
+def edl_layer_defaults() -> dict:
+    """The default of each of ``EDL_ARG_NAMES``, as the layers' constructors declare it."""
+    params = inspect.signature(EDLConv2d.__init__).parameters
+    return {k: params[k].default for k in EDL_ARG_NAMES}
 
 
 def default_selection(name: str, module: nn.Module) -> bool:

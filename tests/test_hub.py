@@ -221,6 +221,29 @@ def test_a_publish_that_dies_midway_leaves_no_release_and_no_config(release, tmp
     assert not list(tmp_path.glob(".*partial"))
 
 
+def test_a_checkpoint_rebuilds_its_own_layers_not_the_default_tags(tmp_path):
+    """A bare edl_resnet18 (T = 2) carries the default tag's pretrained_cfg, which timm saves with
+    its weights; that tag's model_args (T = 1) must not fill in what the checkpoint's own model_args
+    leave out (an older checkpoint recorded only the given arguments), or the reloaded model
+    silently runs another solver on the same weights."""
+    if not hub.hub_model_args("edl_resnet18", timm.get_pretrained_cfg("edl_resnet18").tag):
+        pytest.skip("edl_resnet18's default tag records no model_args")
+    torch.manual_seed(0)
+    model = timm.create_model("edl_resnet18", **TINY).eval()
+    tag_args = hub.hub_model_args("edl_resnet18", model.pretrained_cfg["tag"])
+    assert tag_args.get("num_iters", model.conv1.num_iters) != model.conv1.num_iters, "the test needs a differing tag"
+    sparse = {"mode": "elastic", **{k: list(v) for k, v in TINY.items()}}
+    save_for_hf(model, tmp_path / "old", model_args=sparse, safe_serialization=True)
+    save_for_hf(model, tmp_path / "new", model_args=dict(model.edl_cfg, **TINY), safe_serialization=True)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        for name in ("old", "new"):
+            loaded = hub.create_model(str(tmp_path / name)).eval()
+            assert loaded.conv1.num_iters == model.conv1.num_iters, name
+            assert torch.equal(loaded(x), expected), name
+
+
 @pytest.mark.parametrize("how", ["hf-hub", "registry", "local-dir"])
 def test_published_folder_loads_offline_identically(release, hf_cache, how):
     model, out, cfg, _ = release

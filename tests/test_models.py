@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import edl_timm
 from edl_timm import EDLConv2d, EDLLinear, hub, is_edl_layer
+from edl_timm.convert import EDL_ARG_NAMES, edl_layer_defaults
 
 # small sizes on CPU: each family's own code paths, fewer or narrower blocks
 SMALL = {
@@ -211,7 +212,11 @@ def test_edl_arguments_pass_through_and_are_recorded():
     assert all(
         (l.mode, l.num_iters, l.lam, l.eps, l.nonneg) == ("vanilla", 3, 0.05, 0.01, False) for l in layers
     )
-    assert model.edl_cfg == dict(mode="vanilla", num_iters=3, lam=0.05, eps=0.01, nonneg=False)
+    # the given arguments and every default, so that a saved config rebuilds exactly these layers
+    given = dict(num_iters=3, lam=0.05, eps=0.01, nonneg=False)
+    assert model.edl_cfg == dict(mode="vanilla", **{**edl_layer_defaults(), **given})
+    assert set(edl_layer_defaults()) == set(EDL_ARG_NAMES)
+    assert float(layers[0].beta.detach()) == pytest.approx(edl_layer_defaults()["beta_init"])
     assert all(type(m) is nn.Conv2d and m.kernel_size == (1, 1) for m in model.modules() if type(m) is nn.Conv2d)
 
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._builder import resolve_pretrained_cfg
 
-from ..convert import convert_with_args, split_edl_args
+from ..convert import convert_with_args, edl_layer_defaults, split_edl_args
 from ..hub import (
     WeightsUnavailableError, check_checkpoint_folder, hub_access, hub_model_args, pretrained_cfgs_for, release_folder,
     translate_load_errors,
@@ -56,6 +56,10 @@ def apply_edl(model: nn.Module, mode: str, edl_args: Optional[Dict[str, Any]]) -
     """Make ``model`` an EDL model in place by the families' rule, and record the EDL arguments in
     ``model.edl_cfg`` (what a saved config needs to rebuild it)."""
     edl_args = dict(edl_args or {})
+    if mode != "none":
+        # every layer argument, the defaults included: a saved config then rebuilds the layers its
+        # weights were trained with even if a default (or the default tag's arguments) changes
+        edl_args = {**edl_layer_defaults(), **edl_args}
     model.edl_cfg = dict(mode=mode, **edl_args)
     convert_with_args(model, mode, edl_args)
 
@@ -72,10 +76,14 @@ def build_edl_model(model_cls, variant: str, pretrained: bool = False, **kwargs)
     cfg = resolve_pretrained_cfg(
         variant, pretrained_cfg=kwargs.get("pretrained_cfg"), pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")
     )
-    # a published tag records the arguments its weights were trained with (hub_configs/); they build
-    # its weights' architecture when the weights are loaded or the tag is named, not the bare
-    # architecture (timm.create_model("edl_resnet18") keeps the documented defaults)
-    if pretrained or kwargs.get("pretrained_cfg"):
+    # A published tag records the arguments its weights were trained with (hub_configs/); they build
+    # its weights' architecture when its weights are loaded or the tag is named, not the bare
+    # architecture (timm.create_model("edl_resnet18") keeps the documented defaults). timm names a
+    # tag with a string pretrained_cfg; a dict is a checkpoint's own config (local-dir:, hf-hub:),
+    # whose model_args are already in kwargs and are the truth about its weights: the registry's
+    # default tag must not fill in what they leave out.
+    named_cfg = kwargs.get("pretrained_cfg")
+    if isinstance(named_cfg, str) or (pretrained and named_cfg is None):
         for key, value in hub_model_args(variant, cfg.tag).items():
             kwargs.setdefault(key, value)
     if pretrained:
