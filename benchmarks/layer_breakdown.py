@@ -1,8 +1,8 @@
 """Where an EDLConv2d training step's time goes beyond its convolutions, measured inside the step.
 
-layer_speed.py gives the EDL step over the nn.Conv2d step; this splits the EDL step itself. A
-timing proxy around the fused kernel library and around the step-size refresh measures, inside
-each real training step (cold caches, as in training):
+layer_speed.py gives the EDL step over the nn.Conv2d step; this splits the EDL step itself.
+``edl_timm.layers.timed_parts`` times the fused kernels and the step-size refresh inside each real
+training step (cold caches, as in training):
 
 * ``passes``: the C passes of _fused_cpu.c, in total and by kernel (first, code, out_grad, ...;
   ``dict`` is the atom normalisation and its gradient, weight-sized passes);
@@ -26,45 +26,14 @@ import torch.nn as nn
 
 from edl_timm import EDLConv2d
 from edl_timm.cpu import keep_freed_memory
-from edl_timm.layers import _fused
-from layer_speed import SHAPES, fwd_bwd
+from _layer_steps import SHAPES, fwd_bwd  # benchmarks/, first on sys.path when run as a script
+from edl_timm.layers import fused_available, timed_parts
 
 PASSES = {  # kernel -> column
     "edl_first": "first", "edl_residual": "residual", "edl_code": "code", "edl_out_grad": "out_grad",
     "edl_reweight_grad": "rw_grad", "edl_mask_sub": "mask_sub", "edl_first_grad": "first_grad",
     "edl_dict": "dict", "edl_dict_grad": "dict",
 }
-
-
-class _Timed:
-    """Stands in for the kernel library: every call is timed into ``spent``."""
-
-    def __init__(self, lib, spent):
-        self._lib, self._spent = lib, spent
-
-    def __getattr__(self, name):
-        fn = getattr(self._lib, name)
-        kernel = name.removesuffix("_f32").removesuffix("_bf16")  # one column for both activation types
-
-        def timed(*args):
-            t0 = time.perf_counter()
-            out = fn(*args)
-            self._spent[PASSES.get(kernel, kernel)] += time.perf_counter() - t0
-            return out
-
-        return timed
-
-
-def timed_refresh(layer, spent):
-    """Time ``layer``'s step-size refreshes into ``spent``; ``del layer.update_step_size`` undoes it."""
-    refresh = layer.update_step_size
-
-    def timed(*args, **kwargs):
-        t0 = time.perf_counter()
-        refresh(*args, **kwargs)
-        spent["refresh"] += time.perf_counter() - t0
-
-    layer.update_step_size = timed  # an instance attribute: forward's self.update_step_size finds it
 
 
 def cold_copy_ms(numel, repeats):
@@ -78,32 +47,30 @@ def cold_copy_ms(numel, repeats):
     return 1e3 * best
 
 
-def measure(edl, conv, x, repeats, lib):
+def measure(edl, conv, x, repeats):
     """(fastest conv step, fastest EDL step, {part: seconds} of that EDL step), the two steps
-    alternated so that the VM's drift hits both alike."""
+    alternated so that the VM's drift hits both alike. The parts are the fused kernels by column
+    and the step-size refresh, timed inside the step by ``edl_timm.layers.timed_parts``."""
     spent = collections.Counter()
-    timed_refresh(edl, spent)
     step, base = fwd_bwd(edl, x), fwd_bwd(conv, x)
     # not _timing.fastest_times: the parts must come from the fastest EDL step itself
     mc, best, parts = float("inf"), float("inf"), None
-    _fused._lib = _Timed(lib, spent)
-    try:
+    base()
+    step()  # warm-ups: the power iteration takes the input's size, oneDNN builds its kernels
+    for _ in range(repeats):
+        t0 = time.perf_counter()
         base()
-        step()  # warm-ups: the power iteration takes the input's size, oneDNN builds its kernels
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            base()
-            mc = min(mc, time.perf_counter() - t0)
-            spent.clear()
+        mc = min(mc, time.perf_counter() - t0)
+        spent.clear()
+        with timed_parts(spent):
             t0 = time.perf_counter()
             step()
             took = time.perf_counter() - t0
-            if took < best:
-                best, parts = took, dict(spent)
-    finally:
-        _fused._lib = lib
-        del edl.update_step_size
-    return mc, best, parts
+        if took < best:
+            best, parts = took, collections.Counter()
+            for name, seconds in spent.items():
+                parts[PASSES.get(name, name)] += seconds
+    return mc, best, dict(parts)
 
 
 def main():
@@ -114,8 +81,7 @@ def main():
     ap.add_argument("--channels-last", action="store_true", help="NHWC inputs and layers")
     args = ap.parse_args()
     keep_freed_memory()
-    lib = _fused.library()
-    if lib is None:
+    if not fused_available():
         raise SystemExit("the fused kernels are unavailable here (see the warning above): nothing to break down")
     torch.manual_seed(0)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -132,7 +98,7 @@ def main():
         runs = {}
         for T in args.steps:
             edl = EDLConv2d(cin, cout, 3, stride=s, num_iters=T).to(memory_format=fmt).train()
-            runs[T] = measure(edl, conv, x, args.repeats, lib)
+            runs[T] = measure(edl, conv, x, args.repeats)
         # as in layer_speed.py, every row of a shape is divided by the convolution's fastest step
         # over all of them, so that one slow reading of the baseline cannot flatter a row
         mc = min(conv_s for conv_s, _, _ in runs.values())

@@ -21,37 +21,10 @@ import torch.nn as nn
 
 import _allocator  # benchmarks/, first on sys.path when run as a script
 from _memory import saved_bytes
+from _layer_steps import SHAPES, fwd_bwd
 from _timing import fastest_times
 from edl_timm import EDLConv2d
-from edl_timm.layers import _fused
-
-SHAPES = [  # (C_in, C_out, H, stride)
-    (64, 64, 32, 1),
-    (128, 128, 16, 1),
-    (256, 256, 8, 1),
-    (512, 512, 4, 1),
-    (64, 128, 32, 2),
-]
-
-
-def fwd_bwd(layer, x, eager=False):
-    def once():
-        # In training an optimizer step changes the weight between steps, and the EDL layer then
-        # refreshes its step size (one power iteration) in its next forward. A one-element
-        # in-place op stands for that step: it bumps the weight's version at no cost of its own.
-        with torch.no_grad():
-            layer.weight.detach()[(0,) * layer.weight.dim()].add_(0.0)
-        layer.zero_grad(set_to_none=True)
-        if eager:
-            with _fused.eager():
-                y = layer(x)
-        else:
-            y = layer(x)
-        y.backward(torch.ones_like(y))
-        x.grad = None
-
-    return once
-
+from edl_timm.layers import fused_available
 
 def layer_bytes(layer, x):
     """Saved activations plus the output, which the next layer keeps (the training-memory driver)."""
@@ -61,7 +34,7 @@ def layer_bytes(layer, x):
 
 def table(args):
     torch.manual_seed(0)
-    fused = _fused.library() is not None
+    fused = fused_available()
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, fastest of {args.repeats}, "
           f"normalize_input={not args.no_normalize_input}, {'NHWC' if args.channels_last else 'NCHW'}, "

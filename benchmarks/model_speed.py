@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import _allocator  # benchmarks/, first on sys.path when run as a script
 import edl_timm  # noqa: F401  (registers the models)
 from _memory import saved_bytes
-from edl_timm.layers import _fused, edl_layers
+from edl_timm.layers import fused_available, edl_layers
 
 
 def macs_by_layer(model, x):
@@ -73,7 +73,7 @@ def step_times(models, x, y, repeats):
 
 
 def table(args):
-    fused = _fused.library() is not None
+    fused = fused_available()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, median of {args.repeats}, "
           f"fused kernels {'on' if fused else 'UNAVAILABLE'}")
     print(f"{'model':<28} {'twin s':>7} {'EDL s':>7} {'ratio':>6} {'expected':>8} {'ratio/exp':>9} {'mem ratio':>9}")

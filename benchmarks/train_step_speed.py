@@ -23,7 +23,7 @@ import edl_timm  # noqa: F401  (registers the models)
 from _timing import fastest_times
 from edl_timm.attacks import Normalized, fgsm_rs
 from edl_timm.cpu import keep_freed_memory
-from edl_timm.layers import _fused, fit_step_sizes
+from edl_timm.layers import fused_available, fit_step_sizes
 
 
 def make_step(net, x, y, adv, bf16):
@@ -58,7 +58,7 @@ def table(args):
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"torch {torch.__version__}, {where}, batch {args.batch}, fastest of {args.repeats}, "
           f"{'torch.compile, ' if args.compile else ''}fused CPU kernels "
-          f"{'on' if _fused.library() is not None else 'UNAVAILABLE'}")
+          f"{'on' if fused_available() else 'UNAVAILABLE'}")
     print(f"{'model':<24} {'step':>5} {'dtype':>5} {'layout':>6} {'twin img/s':>10} {'EDL img/s':>9} {'EDL/twin':>8} "
           f"{'bf16 EDL / fp32 EDL':>19}")
     for name in args.models:

@@ -29,10 +29,11 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -147,6 +148,12 @@ def library():
         return _lib
 
 
+def available() -> bool:
+    """Whether the fused kernels run here (built and loaded; not turned off with EDL_TIMM_FUSED=0).
+    Public as ``edl_timm.layers.fused_available``."""
+    return library() is not None
+
+
 @contextmanager
 def eager():
     """Run EDL layers on the eager solver inside this block: the reference the tests compare the
@@ -160,16 +167,58 @@ def eager():
         _enabled = before
 
 
+# ------------------------------------------------------------------------------ instrumentation
+_spent: Optional[Dict[str, float]] = None  # the mapping timed_parts() fills, while it runs
+
+
+@contextmanager
+def timed_parts(spent: Dict[str, float]):
+    """Add the wall time of the EDL layers' own work to ``spent`` (seconds by part, for example a
+    ``collections.Counter``) while this block runs: each C kernel call under its name without
+    the activation-type suffix (``edl_code``, ``edl_dict``, ...), and each step-size refresh (a
+    power iteration after a weight change) as ``refresh``. What a training step spends beyond
+    these parts is its convolutions and PyTorch's bookkeeping (benchmarks/layer_breakdown.py).
+    The timing is on the calling thread: not for use across threads. Public as
+    ``edl_timm.layers.timed_parts``."""
+    global _spent
+    before, _spent = _spent, spent
+    try:
+        yield spent
+    finally:
+        _spent = before
+
+
+def record(part: str, seconds: float) -> None:
+    """Count ``seconds`` towards ``part`` inside ``timed_parts`` (a no-op outside it)."""
+    if _spent is not None:
+        _spent[part] = _spent.get(part, 0.0) + seconds
+
+
+def _kernel(name: str, part: str):
+    """The library's function ``name``; inside ``timed_parts`` a wrapper that times it as ``part``."""
+    fn = getattr(_lib, name)
+    if _spent is None:
+        return fn
+
+    def timed(*args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            record(part, time.perf_counter() - t0)
+
+    return timed
+
+
 class _Kernels:
     """The activation kernels of one activation type, by their names without the type suffix
-    (``kernels(torch.bfloat16).edl_code`` is the C function ``edl_code_bf16``). Looked up on the
-    library at each call, so that a stand-in for ``_lib`` (a timing proxy) sees every call."""
+    (``kernels(torch.bfloat16).edl_code`` is the C function ``edl_code_bf16``)."""
 
     def __init__(self, suffix: str):
         self._suffix = suffix
 
     def __getattr__(self, name):
-        return getattr(_lib, name + self._suffix)
+        return _kernel(name + self._suffix, name)
 
 
 def kernels(dtype: torch.dtype) -> Optional[_Kernels]:
@@ -295,7 +344,7 @@ class _FusedSolve(torch.autograd.Function):
         dictionary = torch.empty_like(weight)
         dict_conv = dictionary if x.dtype == torch.float32 else torch.empty_like(weight, dtype=x.dtype)
         inv_norms = torch.empty(atoms, dtype=torch.float32)
-        _lib.edl_dict(weight.data_ptr(), atoms, atom_size, int(layer.normalize_atoms), dictionary.data_ptr(),
+        _kernel("edl_dict", "edl_dict")(weight.data_ptr(), atoms, atom_size, int(layer.normalize_atoms), dictionary.data_ptr(),
                       None if dict_conv is dictionary else dict_conv.data_ptr(), inv_norms.data_ptr())
         thr = layer.lam * float(layer.step_size)
 

@@ -54,6 +54,7 @@ TorchScript, fx, torch.compile) it runs ``solve`` below, the eager reference, wh
 a hand-written backward.
 """
 import math
+import time
 import weakref
 from typing import List, Optional, Tuple
 
@@ -426,8 +427,10 @@ class _EDLMixin:
         self._compiled_shape = None
         if self.weight._version == self._weight_version and list(self._power_u.shape[1:]) == list(shape):
             return
+        t0 = time.perf_counter()
         self.update_step_size(input_shape=shape)
         self._weight_version = self.weight._version
+        _fused.record("refresh", time.perf_counter() - t0)
 
     # ----------------------------------------------------------------------------------- solver
     def forward(self, x: torch.Tensor, num_iters: Optional[int] = None) -> torch.Tensor:
