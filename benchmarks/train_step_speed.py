@@ -11,9 +11,11 @@ over the float32 EDL step of the same layout and objective.
 
     python benchmarks/train_step_speed.py [--models edl_resnet18 edl_vit_tiny_patch4_32] [--batch 128] [--repeats 2]
         [--device cuda] [--compile]
+    python benchmarks/train_step_speed.py --compile-vs-eager [--models edl_resnet18] [--channels 16 32 64 128]
 """
 import argparse
 import itertools
+import time
 
 import timm
 import torch
@@ -80,6 +82,33 @@ def table(args):
                   f"{t_edl / t_twin:8.2f} {gain}", flush=True)
 
 
+def compile_table(args):
+    """Eager against torch.compile (inductor) for the EDL model, side by side: the same step, the
+    same weights, alternated. The eager model runs the fused CPU kernels where they exist; the
+    compiled one runs the eager solver, which inductor fuses itself."""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, batch {args.batch}, fastest of "
+          f"{args.repeats}, channels {args.channels or 'full width'}, fused CPU kernels "
+          f"{'on' if fused_available() else 'UNAVAILABLE'} (eager side)")
+    print(f"{'model':<24} {'step':>5} {'dtype':>5} {'layout':>6} {'eager img/s':>11} {'compiled img/s':>14} "
+          f"{'compiled/eager speed':>20} {'compile s':>9}")
+    kwargs = {"channels": tuple(args.channels)} if args.channels else {}
+    for name in args.models:
+        size = timm.create_model(name, mode="none", **kwargs).pretrained_cfg["input_size"]
+        x = torch.rand(args.batch, *size)
+        y = torch.randint(0, 10, (args.batch,))
+        for adv, layout, dtype in itertools.product(args.adv, ("NCHW", "NHWC"), ("fp32", "bf16")):
+            cl, bf16 = layout == "NHWC", dtype == "bf16"
+            xb = x.contiguous(memory_format=torch.channels_last) if cl else x
+            eager = make_step(build(name, xb, False, num_classes=10, **kwargs), xb, y, adv, bf16)
+            compiled = make_step(build(name, xb, True, num_classes=10, **kwargs), xb, y, adv, bf16)
+            t0 = time.perf_counter()
+            compiled()  # the compilation (fastest_times' own warm-up step then runs compiled code)
+            compile_s = time.perf_counter() - t0
+            t_eager, t_comp = fastest_times([eager, compiled], args.repeats)
+            print(f"{name:<24} {adv:>5} {dtype:>5} {layout:>6} {args.batch / t_eager:11.1f} {args.batch / t_comp:14.1f} "
+                  f"{t_eager / t_comp:20.2f} {compile_s:9.0f}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=["edl_resnet18", "edl_vit_tiny_patch4_32"])
@@ -88,10 +117,16 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--compile", action="store_true", help="torch.compile both models (the eager solver then runs)")
+    ap.add_argument("--compile-vs-eager", action="store_true",
+                    help="instead: the EDL model eager against compiled, side by side (CPU)")
+    ap.add_argument("--channels", type=int, nargs="*", help="ResNet stage widths, e.g. 16 32 64 128 (default full)")
     args = ap.parse_args()
     if args.device == "cpu":
         keep_freed_memory()
-    table(args)
+    if args.compile_vs_eager:
+        compile_table(args)
+    else:
+        table(args)
 
 
 if __name__ == "__main__":

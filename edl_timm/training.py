@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -472,13 +472,41 @@ class _RunLog:
             self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
 
 
-def train(cfg: TrainConfig) -> Dict[str, Any]:
-    """Train or fine-tune ``cfg.model``; returns the final metrics (also in output_dir/metrics.json)."""
+@dataclasses.dataclass
+class _Job:
+    """What the training loop works with, built once per process by ``_prepare``: the prepared
+    accelerate objects, the data (uint8 host tensors), the run's length, and this process's
+    clock and image count (for img/s and ``train_seconds``)."""
+
+    accelerator: Any
+    net: nn.Module  # Normalized(model), prepared (DDP-wrapped, compiled: see _plain)
+    optimizer: Any
+    scheduler: Any
+    loader: Any  # indices into train_x, kept on the host
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    eval_x: torch.Tensor
+    eval_y: torch.Tensor
+    steps_per_epoch: int
+    total_steps: int
+    output_dir: Path
+    started: float = dataclasses.field(default_factory=time.time)
+    images_seen: int = 0
+
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    def model(self) -> nn.Module:
+        """The timm model itself, unwrapped."""
+        return _plain(self.accelerator, self.net).model
+
+
+def _prepare(cfg: TrainConfig) -> _Job:
+    """Check the input, then build and ``accelerator.prepare`` the model, optimizer, schedule and loader."""
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
     from accelerate.utils import DynamoBackend, set_seed
     from timm.optim import create_optimizer_v2
 
-    output_dir = Path(cfg.output_dir)
     # the arguments and the data first: bad input fails in seconds, before any model is built
     train_x, train_y, eval_x, eval_y, n_classes = _checked_inputs(cfg)
 
@@ -486,7 +514,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=[ddp],
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), log_with=cfg.log_with,
-        project_dir=str(output_dir),
+        project_dir=str(cfg.output_dir),
     )
     set_seed(cfg.seed)
     model = _build_model(cfg, cfg.num_classes or n_classes)
@@ -525,85 +553,121 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     loader = accelerator.prepare_data_loader(loader, device_placement=False)
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_for_checkpointing(_SolverState(_plain(accelerator, net)))
+    return _Job(accelerator, net, optimizer, scheduler, loader, train_x, train_y, eval_x, eval_y, steps_per_epoch,
+                total_steps, Path(cfg.output_dir))
 
-    run = _resume(cfg, accelerator, output_dir)
+
+def _start(cfg: TrainConfig, job: _Job) -> Tuple[_RunState, "_RunLog"]:
+    """Resume from a checkpoint or start afresh; open the log (and accelerate's trackers)."""
+    accelerator = job.accelerator
+    run = _resume(cfg, accelerator, job.output_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        job.output_dir.mkdir(parents=True, exist_ok=True)
         # until this run's final save, the folder holds no finished run's output
-        (output_dir / "metrics.json").unlink(missing_ok=True)
+        (job.output_dir / "metrics.json").unlink(missing_ok=True)
     if cfg.log_with:
         accelerator.init_trackers("edl-timm", config={k: v for k, v in dataclasses.asdict(cfg).items()
                                                       if isinstance(v, (int, float, str, bool))})
-    log = _RunLog(accelerator, output_dir / "log.jsonl", run.log_lines, bool(cfg.log_with))
-    metrics: Dict[str, Any] = {}
+    job.started = time.time()  # the clock counts this process's training, not its setup
+    return run, _RunLog(accelerator, job.output_dir / "log.jsonl", run.log_lines, bool(cfg.log_with))
 
-    from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=run.step, disable=cfg.quiet or not accelerator.is_local_main_process, desc="train")
-    t0 = time.time()
-    images_seen = 0
-    done = run.step >= total_steps
-    while not done and run.epoch < cfg.epochs:
-        if cfg.elastic_from_epoch > 0:
-            _set_edl_phase(_plain(accelerator, net).model, elastic=run.epoch >= cfg.elastic_from_epoch)
-        loader.set_epoch(run.epoch)
-        skip = run.batch_in_epoch  # batches a resumed epoch has done already
-        epoch_loader = accelerator.skip_first_batches(loader, skip * cfg.grad_accum) if skip else loader
-        net.train()
-        for micro, (idx,) in enumerate(epoch_loader):
-            # one generator per (step, micro-batch, process): augmentation and attack noise are
-            # reproduced exactly on resume without saving their state
-            g = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + run.step) * 64 + micro % cfg.grad_accum) * 4096
-                                              + accelerator.process_index)
-            x = train_x[idx]
-            if cfg.augment:
-                x = random_crop_flip(x, padding=max(x.shape[-1] // 8, 1), generator=g)
-            x = _to_layout(x.to(accelerator.device).float().div_(255), cfg)
-            y = train_y[idx].to(accelerator.device)
-            gd = g if accelerator.device.type == "cpu" else torch.Generator(device=accelerator.device).manual_seed(g.initial_seed())
-            with accelerator.accumulate(net):
-                loss, x_adv = _loss(cfg, net, x, y, gd, _attack_loss_scale(accelerator, cfg))
-                accelerator.backward(loss)
-                if cfg.grad_clip and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            images_seen += len(y)
-            if not accelerator.sync_gradients:
-                continue
-            run.step += 1
-            run.batch_in_epoch += 1
-            scheduler.step_update(num_updates=run.step)
-            bar.update(1)
-            run.loss = loss.item()
-            if run.step % 10 == 0 or run.step == total_steps:
-                log({"step": run.step, "epoch": run.epoch, "loss": run.loss, "lr": optimizer.param_groups[0]["lr"]})
-            if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step < total_steps:
-                run.log_lines = log.lines
-                _save_checkpoint(accelerator, net, output_dir, run.saved(time.time() - t0), cfg.keep_checkpoints, cfg)
-            if run.step >= total_steps:
-                done = True
-                break
-        epoch_end = run.batch_in_epoch >= steps_per_epoch
-        metrics = _evaluate(accelerator, net, eval_x, eval_y, cfg, cfg.batch_size)
-        metrics.update(step=run.step, epoch=run.epoch, loss=run.loss, images_per_s=images_seen * accelerator.num_processes
-                       / max(time.time() - t0, 1e-9), train_seconds=round(run.saved(time.time() - t0)["train_seconds"], 1))
-        log(dict(metrics))
-        if epoch_end:
-            run.epoch += 1
-            run.batch_in_epoch = 0
-        if not done:
+def _train_epoch(cfg: TrainConfig, job: _Job, run: _RunState, log: "_RunLog", bar) -> bool:
+    """The optimizer steps of one epoch (the rest of it, for a resumed epoch), checkpointing every
+    ``cfg.checkpoint_every`` steps. True when the run's last step is done."""
+    accelerator, net, optimizer = job.accelerator, job.net, job.optimizer
+    if cfg.elastic_from_epoch > 0:
+        _set_edl_phase(job.model(), elastic=run.epoch >= cfg.elastic_from_epoch)
+    job.loader.set_epoch(run.epoch)
+    skip = run.batch_in_epoch  # batches a resumed epoch has done already
+    epoch_loader = accelerator.skip_first_batches(job.loader, skip * cfg.grad_accum) if skip else job.loader
+    net.train()
+    for micro, (idx,) in enumerate(epoch_loader):
+        # one generator per (step, micro-batch, process): augmentation and attack noise are
+        # reproduced exactly on resume without saving their state
+        g = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + run.step) * 64 + micro % cfg.grad_accum) * 4096
+                                          + accelerator.process_index)
+        x = job.train_x[idx]
+        if cfg.augment:
+            x = random_crop_flip(x, padding=max(x.shape[-1] // 8, 1), generator=g)
+        x = _to_layout(x.to(accelerator.device).float().div_(255), cfg)
+        y = job.train_y[idx].to(accelerator.device)
+        gd = g if accelerator.device.type == "cpu" else torch.Generator(device=accelerator.device).manual_seed(g.initial_seed())
+        with accelerator.accumulate(net):
+            loss, x_adv = _loss(cfg, net, x, y, gd, _attack_loss_scale(accelerator, cfg))
+            accelerator.backward(loss)
+            if cfg.grad_clip and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        job.images_seen += len(y)
+        if not accelerator.sync_gradients:
+            continue
+        run.step += 1
+        run.batch_in_epoch += 1
+        job.scheduler.step_update(num_updates=run.step)
+        bar.update(1)
+        run.loss = loss.item()
+        if run.step % 10 == 0 or run.step == job.total_steps:
+            log({"step": run.step, "epoch": run.epoch, "loss": run.loss, "lr": optimizer.param_groups[0]["lr"]})
+        if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step < job.total_steps:
             run.log_lines = log.lines
-            _save_checkpoint(accelerator, net, output_dir, run.saved(time.time() - t0), cfg.keep_checkpoints, cfg)
-    bar.close()
+            _save_checkpoint(accelerator, net, job.output_dir, run.saved(job.elapsed()), cfg.keep_checkpoints, cfg)
+        if run.step >= job.total_steps:
+            return True
+    return False
+
+
+def _end_epoch(cfg: TrainConfig, job: _Job, run: _RunState, log: "_RunLog", done: bool) -> Dict[str, Any]:
+    """Evaluate on the held-out images, log, and checkpoint (unless the run is done: the final save
+    follows). Returns the evaluation's metrics."""
+    epoch_end = run.batch_in_epoch >= job.steps_per_epoch
+    metrics = _evaluate(job.accelerator, job.net, job.eval_x, job.eval_y, cfg, cfg.batch_size)
+    metrics.update(step=run.step, epoch=run.epoch, loss=run.loss,
+                   images_per_s=job.images_seen * job.accelerator.num_processes / max(job.elapsed(), 1e-9),
+                   train_seconds=round(run.saved(job.elapsed())["train_seconds"], 1))
+    log(dict(metrics))
+    if epoch_end:
+        run.epoch += 1
+        run.batch_in_epoch = 0
+    if not done:
+        run.log_lines = log.lines
+        _save_checkpoint(job.accelerator, job.net, job.output_dir, run.saved(job.elapsed()), cfg.keep_checkpoints, cfg)
+    return metrics
+
+
+def _finish(cfg: TrainConfig, job: _Job, metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """Check that every process holds the same weights, then the final save (``_save_final``)."""
+    accelerator = job.accelerator
     # every process must end with the same weights; a difference is a sharding or DDP bug
-    sums = accelerator.gather(_params_checksum(_plain(accelerator, net)).to(accelerator.device))
+    sums = accelerator.gather(_params_checksum(_plain(accelerator, job.net)).to(accelerator.device))
     metrics["ranks_identical"] = bool(torch.all(sums == sums[0]).item())
     metrics["num_processes"] = accelerator.num_processes
-    metrics["betas"] = {n: round(m.beta.item(), 4) for n, m in edl_layers(_plain(accelerator, net).model)}
-    _save_final(accelerator, _plain(accelerator, net).model, output_dir, cfg, metrics)
+    metrics["betas"] = {n: round(m.beta.item(), 4) for n, m in edl_layers(job.model())}
+    _save_final(accelerator, job.model(), job.output_dir, cfg, metrics)
     if cfg.log_with:
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return metrics
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Train or fine-tune ``cfg.model``; returns the final metrics (also in output_dir/metrics.json).
+
+    The steps, each its own function above: check the input and build everything through
+    accelerate; resume (or start) and open the log; then per epoch the optimizer steps, the
+    held-out evaluation and a checkpoint; last, the cross-process check and the final save."""
+    from tqdm.auto import tqdm
+
+    job = _prepare(cfg)
+    run, log = _start(cfg, job)
+    metrics: Dict[str, Any] = {}
+    bar = tqdm(total=job.total_steps, initial=run.step, desc="train",
+               disable=cfg.quiet or not job.accelerator.is_local_main_process)
+    done = run.step >= job.total_steps
+    while not done and run.epoch < cfg.epochs:
+        done = _train_epoch(cfg, job, run, log, bar)
+        metrics = _end_epoch(cfg, job, run, log, done)
+    bar.close()
+    return _finish(cfg, job, metrics)

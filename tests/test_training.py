@@ -115,12 +115,11 @@ def test_bad_input_fails_before_training_with_what_to_do(cifar_dir, tmp_path):
     ]
     for extra, message in cases:
         args = base_args(cifar_dir, tmp_path / "out") + extra
-        t0 = time.time()
         res = run_cli(args)
         assert res.returncode == 2, res.stderr[-2000:]
         assert message in res.stderr, (message, res.stderr[-2000:])
-        assert time.time() - t0 < 60
-    assert not (tmp_path / "out" / "model.safetensors").exists()
+        # refused before anything was built: the output folder is made only once the model is prepared
+        assert not (tmp_path / "out").exists()
 
 
 def test_checkpoint_head_mismatch_and_fine_tuning_with_new_classes(cifar_dir, tmp_path):
