@@ -31,6 +31,23 @@ def _load(dataset: str, split: str):
     return load_dataset(dataset, split=split)
 
 
+def _as_images(ds, dataset: str, column: str):
+    """``ds`` with ``column`` decoded as images. A parquet file written without the Hub's feature
+    metadata (plain pyarrow or pandas) holds encoded images as {bytes, path} structs or raw bytes:
+    they are cast to ``datasets.Image``, which decodes both."""
+    from datasets import Image
+
+    if isinstance(ds.features[column], Image):
+        return ds
+    try:
+        return ds.cast_column(column, Image())
+    except Exception as e:  # what datasets raises here varies (ValueError, TypeError, ArrowInvalid)
+        raise ValueError(
+            f"column {column!r} of {dataset!r} is {ds.features[column]}, not images: give encoded images (PNG or JPEG "
+            "bytes, or {'bytes', 'path'} structs) or name the image column (--image-column / image_column=...)"
+        ) from e
+
+
 def load_image_split(
     dataset: str,
     split: str,
@@ -54,6 +71,7 @@ def load_image_split(
             f"{dataset!r} has columns {ds.column_names}; name the image and label columns "
             "(--image-column / --label-column, or image_column=... / label_column=...)"
         )
+    ds = _as_images(ds, dataset, image_column)
     feature = ds.features.get(label_column)
     names = list(feature.names) if hasattr(feature, "names") else None
     if limit is not None:

@@ -394,6 +394,8 @@ def create_model(name: str, pretrained: bool = False, require_edl: bool = True, 
 
     if os.path.isdir(name):  # a training output or a downloaded folder
         name = "local-dir:" + os.path.abspath(name)
+    elif name.startswith(("/", "./", "../", "~")) or name.startswith(os.sep):
+        raise CheckpointError(f"no such checkpoint folder: {name!r} (a training run's --output-dir, or a release folder)")
     source, ident = parse_model_name(name)
     if source == "local-dir":
         cfg = check_checkpoint_folder(ident, require_edl=require_edl)

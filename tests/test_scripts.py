@@ -52,6 +52,8 @@ def test_evaluate_refuses_pixels_outside_0_1_and_unknown_models(tmp_path, cifar_
         evaluate(model, torch.full((2, 3, 2, 2), 2.0), torch.zeros(2, dtype=torch.long), source="x", autoattack=None)
     done = run("evaluate.py", "--model", "edl_resnet_nope", "--dataset", cifar_dir, "--n", 8)
     assert done.returncode == 2 and "unknown model 'edl_resnet_nope'" in done.stderr
+    done = run("evaluate.py", "--model", str(tmp_path / "no_run"), "--dataset", cifar_dir, "--n", 8)
+    assert done.returncode == 2 and f"no such checkpoint folder: '{tmp_path / 'no_run'}'" in done.stderr
     done = run("evaluate.py", "--model", "edl_resnet18", "--dataset", cifar_dir, "--clean-n", "0")
     assert done.returncode == 2 and "--clean-n: expected a positive number of images or 'all', got '0'" in done.stderr
 

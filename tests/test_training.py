@@ -435,6 +435,40 @@ def test_image_folder_data_is_read_resized_and_trained_on(tmp_path):
     assert model.num_classes == 2
 
 
+def test_plain_parquet_without_the_hubs_metadata_decodes_its_images(tmp_path):
+    """A parquet file written by pyarrow alone (no datasets feature metadata) holds PNG bytes in
+    {bytes, path} structs, or as raw bytes: both decode to the same pixels; a column of numbers
+    is refused with what to do."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (5, 6, 7, 3), dtype=np.uint8)
+    encoded = []
+    for p in pixels:
+        buf = io.BytesIO()
+        Image.fromarray(p).save(buf, "PNG")
+        encoded.append(buf.getvalue())
+    labels = [3, 1, 4, 1, 5]
+    tables = {
+        "struct": {"img": [{"bytes": b, "path": None} for b in encoded], "label": labels},
+        "raw": {"img": encoded, "label": labels},
+        "numbers": {"img": list(range(5)), "label": labels},
+    }
+    for name, columns in tables.items():
+        (tmp_path / name).mkdir()
+        pq.write_table(pa.table(columns), tmp_path / name / "train.parquet")
+    for name in ("struct", "raw"):
+        x, y = load_image_split(str(tmp_path / name), "train")
+        assert torch.equal(x, torch.from_numpy(pixels).permute(0, 3, 1, 2)) and y.tolist() == labels, name
+    with pytest.raises(ValueError, match="column 'img' of .* not images: give encoded images"):
+        load_image_split(str(tmp_path / "numbers"), "train")
+
+
 def test_every_config_field_is_a_flag_with_the_same_default():
     import dataclasses
     import importlib.util
