@@ -10,6 +10,7 @@
 #      more GPUs, the same training under DDP on 2 processes (ranks_identical must hold);
 #   4. the same script on the CPU first where no GPU is found, so that it works the first time.
 #     bash benchmarks/gpu_check.sh [OUT_DIR]
+#     ONLY_TRAINING=1 bash benchmarks/gpu_check.sh [OUT_DIR]   # step 3 alone (on the CPU: about 5 minutes)
 # Step 3 needs datasets, pyautoattack and jsonschema, which the lent image lacks: carry them as
 # wheels (.library/device/README.md) and install them with pip --target before running this.
 set -uo pipefail
@@ -25,12 +26,14 @@ else
     device=cpu batch=16 models=edl_resnet18  # a dry run: the same code paths, small
 fi
 status=0
-timeout 180 $py benchmarks/gpu_layer_check.py --device $device 2>&1 | tee "$out/layers.txt" || status=1
-cd benchmarks
-timeout 180 $py train_step_speed.py --device $device --batch $batch --models $models 2>&1 | tee "$out/steps.txt" || status=1
-timeout 150 $py train_step_speed.py --device $device --batch $batch --models edl_resnet18 --adv none --compile 2>&1 \
-    | tee "$out/steps_compiled.txt" || status=1
-cd ..
+if [ "${ONLY_TRAINING:-0}" != 1 ]; then
+    timeout 180 $py benchmarks/gpu_layer_check.py --device $device 2>&1 | tee "$out/layers.txt" || status=1
+    cd benchmarks
+    timeout 180 $py train_step_speed.py --device $device --batch $batch --models $models 2>&1 | tee "$out/steps.txt" || status=1
+    timeout 150 $py train_step_speed.py --device $device --batch $batch --models edl_resnet18 --adv none --compile 2>&1 \
+        | tee "$out/steps_compiled.txt" || status=1
+    cd ..
+fi
 # 3. a small random data set in the shared copy's schema (no CIFAR-10 on the lent machine)
 $py - "$out/data" <<'PY' || status=1
 import io, sys, os
