@@ -18,7 +18,8 @@
 #
 # Each run is resumable: a finished run (metrics.json) is skipped, an unfinished one resumes from its
 # last checkpoint (every 100 steps), so the script can be started again after an interruption; an
-# existing report is not recomputed, an existing release folder is not overwritten.
+# existing report is not recomputed (an interrupted evaluation goes on from its eval_report.progress.json),
+# an existing release folder is not overwritten.
 #
 #     [EPOCHS=5] bash benchmarks/release_runs.sh [RUN_ROOT] [edl|twin ...]    # default runs/release, both
 #     [ATTACKS="apgd-ce apgd-t"] [AUDIT=1] bash benchmarks/release_runs.sh [RUN_ROOT] eval_edl|eval_twin

@@ -6,9 +6,12 @@ to be deterministic before it is attacked.
 """
 import contextlib
 import datetime
+import hashlib
+import json
 import logging
 import os
 import platform
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -21,7 +24,8 @@ from .layers import edl_layers
 
 __all__ = [
     "REPORT_SCHEMA", "accuracy", "pgd_accuracy", "autoattack_accuracy", "check_deterministic", "solver_steps",
-    "straight_through", "gradient_norms", "audit", "evaluate", "validate_report", "pixel_model",
+    "straight_through", "gradient_norms", "audit", "evaluate", "validate_report", "pixel_model", "Progress",
+    "ProgressMismatchError", "fingerprint",
 ]
 
 _log = logging.getLogger(__name__)
@@ -123,42 +127,161 @@ class _Records(logging.Handler):
 def autoattack_accuracy(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "Linf", version: str = "standard",
     attacks: Optional[Sequence[str]] = None, batch_size: int = 256, seed: int = 0, verbose: bool = False,
+    progress: Optional["Progress"] = None,
 ) -> Dict[str, Any]:
     """AutoAttack (``pyautoattack``, the Croce & Hein code): overall accuracy (%), accuracy after
     each attack, and the warnings of its own checks (randomness, output range, zero gradients,
-    dynamic defence, Square beating the gradient attacks)."""
-    from pyautoattack import AutoAttack
+    dynamic defence, Square beating the gradient attacks).
+
+    AutoAttack's own loop runs each attack on the points every earlier attack failed on, in batches
+    of ``batch_size``. This function runs that loop itself, one AutoAttack call per attack and batch
+    (the same points, the same batches, the same seed: the same result as one call), so that each
+    finished batch can be kept in ``progress`` and a killed evaluation resumes where it stopped.
+    pyautoattack's own ``state_path`` cannot do this: version 0.2.0 saves the attack set as its
+    ``str()``, so a saved state never matches on reload."""
+    from pyautoattack import AutoAttack, checks
 
     dev = next(model.parameters()).device
     if attacks:
         adversary = AutoAttack(model, attacks=list(attacks), eps=eps, norm=norm, version="custom", seed=seed, device=dev)
     else:
         adversary = AutoAttack(model, eps=eps, norm=norm, version=version, seed=seed, device=dev)
+    to_run = list(adversary.attacks_to_run)
+    robust = predict(model, x, batch_size) == y
+    clean = robust.float().mean().item()
+    per_attack: Dict[str, float] = {}
+    warnings: List[str] = []
+    for attack in to_run:
+        idx = robust.nonzero().flatten()
+        batches = _batches(len(idx), batch_size)
+        for k, (a, b) in enumerate(_progress(batches, f"AutoAttack {attack}", verbose)):
+            i = idx[a:b]
+
+            def run_batch(i=i):
+                adversary.attacks_to_run = [attack]
+                x_adv, batch_warnings = _run_autoattack(adversary, x[i].to(dev), y[i].to(dev), batch_size)
+                linf = (x_adv.cpu() - x[i]).abs().flatten(1).max(1).values.max().item()
+                if norm == "Linf" and linf > eps + 1e-5:
+                    raise RuntimeError(f"AutoAttack returned points outside the eps-ball (Linf {linf:.5f} > {eps:.5f})")
+                fooled = predict(model, x_adv.cpu(), batch_size) != y[i]  # judged here, not taken from its log
+                return {"fooled": i[fooled].tolist(), "warnings": batch_warnings}
+
+            done = progress.measure(f"autoattack/{attack}/{k}", run_batch) if progress else run_batch()
+            robust[torch.tensor(done["fooled"], dtype=torch.long)] = False
+            warnings += [w for w in done["warnings"] if w not in warnings]
+        per_attack[attack] = 100.0 * robust.float().mean().item()
+        if verbose:
+            _log.info("AutoAttack: robust accuracy after %s: %.2f%%", attack.upper(), per_attack[attack])
+    # the one check that needs every attack's figure (each call above saw only its own)
+    records = _Records()
+    checks.check_square_sr({"clean": clean, **{k: v / 100 for k, v in per_attack.items()}}, logger=_capturing(records))
+    warnings += [r.getMessage() for r in records.records if r.getMessage() not in warnings]
+    return {"accuracy": 100.0 * robust.float().mean().item(), "per_attack": per_attack, "warnings": warnings,
+            "attacks": to_run}
+
+
+def _capturing(records: "_Records") -> logging.Logger:
+    logger = logging.getLogger("edl_timm.autoattack-checks")
+    logger.handlers = [records]
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    return logger
+
+
+def _run_autoattack(adversary, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Tuple[torch.Tensor, List[str]]:
+    """One ``run_standard_evaluation``; returns its adversarial points and the warnings it logged."""
     records = _Records()
     logger = logging.getLogger("auto-attack")
     old_level = logger.level
     logger.addHandler(records)
     logger.setLevel(logging.DEBUG)
     try:
-        x_adv, _ = adversary.run_standard_evaluation(x.to(dev), y.to(dev), batch_size=batch_size)
+        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
     finally:
         logger.removeHandler(records)
         logger.setLevel(old_level)
-    per_attack: Dict[str, float] = {}
-    for r in records.records:
-        msg = r.getMessage()
-        if verbose and r.levelno >= logging.DEBUG and "robust accuracy" in msg:
-            _log.info("AutoAttack: %s", msg)
-        if msg.startswith("robust accuracy after "):  # 'robust accuracy after APGD-CE: 12.50% (total time ...)'
-            name, rest = msg[len("robust accuracy after "):].split(":", 1)
-            per_attack[name.strip().lower()] = float(rest.split("%")[0])
-    warnings = [r.getMessage() for r in records.records if r.levelno >= logging.WARNING]
-    linf = (x_adv.cpu() - x).abs().flatten(1).max(1).values.max().item()
-    if norm == "Linf" and linf > eps + 1e-5:
-        raise RuntimeError(f"AutoAttack returned points outside the eps-ball (Linf {linf:.5f} > {eps:.5f})")
-    acc = accuracy(model, x_adv.cpu(), y, batch_size)
-    return {"accuracy": acc, "per_attack": per_attack, "warnings": warnings,
-            "attacks": list(attacks) if attacks else list(adversary.attacks_to_run)}
+    return x_adv, [r.getMessage() for r in records.records if r.levelno >= logging.WARNING]
+
+
+class ProgressMismatchError(ValueError):
+    """A progress file that belongs to another evaluation (or is not one)."""
+
+
+class Progress:
+    """The finished measurements of one evaluation, kept in a JSON file so that a killed evaluation
+    resumes where it stopped: on a CPU, AutoAttack and the audit on 1,000 images take hours.
+
+    ``identity`` says what is measured (model weights, images, threat model, attack settings); a
+    file made for another identity is refused with what to do, never overwritten. Each measurement
+    is written as soon as it is finished (a temporary file, then a rename: a kill leaves the last
+    complete file). Measurements are keyed by name ("clean", "pgd", "autoattack/apgd-t/0", ...)."""
+
+    SCHEMA = "edl-timm/eval-progress/1"
+
+    def __init__(self, path, identity: Dict[str, Any]):
+        self.path = Path(path)
+        self.identity = json.loads(json.dumps(identity))  # as it reads back from the file (tuples as lists)
+        self.stages: Dict[str, Any] = {}
+        if self.path.exists():
+            try:
+                saved = json.loads(self.path.read_text())
+                stages, their = saved["stages"], saved["identity"]
+                if saved["schema"] != self.SCHEMA or not isinstance(stages, dict):
+                    raise ValueError
+            except (ValueError, KeyError, TypeError):
+                raise ProgressMismatchError(
+                    f"{self.path} is not a readable progress file of an evaluation: delete it to start the evaluation over"
+                ) from None
+            if their != self.identity:
+                differ = sorted(k for k in set(their) | set(self.identity) if their.get(k) != self.identity.get(k))
+                raise ProgressMismatchError(
+                    f"{self.path} holds a partial evaluation of something else (it differs in: {', '.join(differ)}): "
+                    "delete it to start over, or write this report elsewhere (--output)"
+                )
+            self.stages = stages
+
+    def measure(self, key: str, compute):
+        """The stored value of ``key``, or ``compute()``, stored before it is returned (JSON values only)."""
+        if key not in self.stages:
+            value = compute()
+            self.stages[key] = json.loads(json.dumps(value))
+            self._write()
+        return self.stages[key]
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"schema": self.SCHEMA, "identity": self.identity, "stages": self.stages}))
+        os.replace(tmp, self.path)
+
+    def discard(self) -> None:
+        """Remove the file (once the whole report is written)."""
+        self.path.unlink(missing_ok=True)
+
+
+def fingerprint(*items: Any) -> str:
+    """sha256 of tensors (their dtype, shape and bytes) and of modules' state dicts, in order."""
+    h = hashlib.sha256()
+
+    def add(t: torch.Tensor):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+    for item in items:
+        if isinstance(item, nn.Module):
+            for name, t in item.state_dict().items():
+                h.update(name.encode())
+                add(t)
+        elif item is None:
+            h.update(b"none")
+        else:
+            add(item)
+    return h.hexdigest()
+
+
+def _measured(progress: Optional[Progress], key: str, compute):
+    return progress.measure(key, compute) if progress is not None else compute()
 
 
 def _edl_layers(model: nn.Module):
@@ -235,19 +358,22 @@ def audit(
     restarts: int = 1, batch_size: int = 256, white_box_accuracy: Optional[float] = None,
     surrogate: Optional[nn.Module] = None, surrogate_name: str = "", eps_sweep: Optional[Sequence[float]] = None,
     autoattack_warnings: Sequence[str] = (), plot_path: Optional[str] = None, seed: int = 0, verbose: bool = False,
+    progress: Optional[Progress] = None,
 ) -> Dict[str, Any]:
     """The gradient-masking audit of ``../shared/docs/evaluation.md``. Returns its measurements and
-    ``flags``: plain-words signs of masking (empty for an honest evaluation)."""
+    ``flags``: plain-words signs of masking (empty for an honest evaluation). Each attack's figure
+    is kept in ``progress`` when one is given (see ``Progress``)."""
     n = len(y)
     tol = max(2.0, 100.0 / n)  # one image, or 2 points on larger sets: differences below are noise
     pgd_kw = dict(norm=norm, steps=steps, restarts=restarts, batch_size=batch_size, seed=seed, verbose=verbose)
     if white_box_accuracy is None:
-        white_box_accuracy = pgd_accuracy(model, x, y, eps, **pgd_kw)
+        white_box_accuracy = _measured(progress, "pgd", lambda: pgd_accuracy(model, x, y, eps, **pgd_kw))
     flags: List[str] = []
     out: Dict[str, Any] = {"tolerance": tol}
 
     sweep = list(eps_sweep) if eps_sweep is not None else [0.0, eps / 2, eps, 2 * eps, 4 * eps, 8 * eps, 16 * eps]
-    curve = [{"eps": e, "accuracy": pgd_accuracy(model, x, y, e, **pgd_kw)} for e in sweep]
+    curve = [{"eps": e, "accuracy": _measured(progress, f"eps_sweep/{e!r}", lambda e=e: pgd_accuracy(model, x, y, e, **pgd_kw))}
+             for e in sweep]
     out["eps_sweep"] = curve
     if curve[-1]["accuracy"] > tol:
         flags.append(
@@ -264,9 +390,10 @@ def audit(
     if layers:
         deeper = 2 * max(m.num_iters for m in layers)
         # craft through the deeper solver (and the straight-through backward), judge the model as deployed
-        acc = pgd_accuracy(model, x, y, eps, source=_AttackerView(model, solver_steps, deeper), **pgd_kw)
+        acc = _measured(progress, f"unrolled/{deeper}",
+                        lambda: pgd_accuracy(model, x, y, eps, source=_AttackerView(model, solver_steps, deeper), **pgd_kw))
         out["unrolled"] = {"num_iters": deeper, "accuracy": acc}
-        acc = pgd_accuracy(model, x, y, eps, source=_AttackerView(model, straight_through), **pgd_kw)
+        acc = _measured(progress, "bpda", lambda: pgd_accuracy(model, x, y, eps, source=_AttackerView(model, straight_through), **pgd_kw))
         out["bpda"] = {"accuracy": acc}
         for key, what in (("unrolled", f"the solver unrolled to {deeper} steps"), ("bpda", "a straight-through (BPDA) backward")):
             if out[key]["accuracy"] < white_box_accuracy - tol:
@@ -275,7 +402,7 @@ def audit(
                     f"{white_box_accuracy:.1f}%): the model's own gradients understate its weakness"
                 )
     if surrogate is not None:
-        acc = pgd_accuracy(model, x, y, eps, source=surrogate, **pgd_kw)
+        acc = _measured(progress, "transfer", lambda: pgd_accuracy(model, x, y, eps, source=surrogate, **pgd_kw))
         out["transfer"] = {"surrogate": surrogate_name, "accuracy": acc}
         if acc < white_box_accuracy - tol:
             flags.append(
@@ -430,30 +557,47 @@ def evaluate(
     surrogate_name: str = "", plot_path: Optional[str] = None, batch_size: int = 256, seed: int = 0,
     data: Optional[Dict[str, Any]] = None, weights_sha256: Optional[str] = None, verbose: bool = False,
     eps_sweep: Optional[Sequence[float]] = None, clean_set: Optional[Tuple[torch.Tensor, torch.Tensor, str]] = None,
+    progress_path: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Evaluate a timm ``model`` (normalised input; wrapped here) on pixels ``x`` in [0, 1]; return the report.
 
     ``clean_set``: (images, labels, how they were chosen) for the clean accuracy when it is measured on
-    more images than the attacks (a forward is cheap; an attack costs hundreds), e.g. the whole split."""
+    more images than the attacks (a forward is cheap; an attack costs hundreds), e.g. the whole split.
+
+    ``progress_path``: keep each finished measurement in this file (``Progress``) and take those a
+    killed run of the same evaluation left there; the caller removes it once the report is saved."""
     x = _as_pixels(x)
     clean_x, clean_y, clean_selection = (_as_pixels(clean_set[0]), clean_set[1], clean_set[2]) if clean_set else (x, y, None)
+    n = len(y)
+    threat = {"norm": norm, "eps": float(eps)}
+    step_size = pgd_step_size if pgd_step_size is not None else default_step(eps, max(pgd_steps, 1))
+    progress = None
+    if progress_path:
+        identity = {
+            "model": fingerprint(model), "surrogate": fingerprint(surrogate) if surrogate is not None else None,
+            "images": fingerprint(x, y), "clean_images": fingerprint(clean_x, clean_y), **threat,
+            "pgd": [pgd_steps, step_size, restarts], "autoattack": [autoattack, list(autoattack_attacks or [])],
+            "eps_sweep": list(eps_sweep) if eps_sweep is not None else None, "batch_size": batch_size, "seed": seed,
+            "versions": _versions(),
+        }
+        progress = Progress(progress_path, identity)
+        if progress.stages:
+            _log.warning("resuming the evaluation from %s: %d measurement(s) already made", progress_path, len(progress.stages))
     net = pixel_model(model)
     twin = pixel_model(surrogate) if surrogate is not None else None
     check_deterministic(net, x[: min(len(x), 16)].to(next(net.parameters()).device))
-    n = len(y)
-    threat = {"norm": norm, "eps": float(eps)}
-    clean = {"attack": "clean", "accuracy": accuracy(net, clean_x, clean_y, batch_size), "n": len(clean_y)}
+    clean_acc = _measured(progress, "clean", lambda: accuracy(net, clean_x, clean_y, batch_size))
+    clean = {"attack": "clean", "accuracy": clean_acc, "n": len(clean_y)}
     if clean_selection:
         clean["selection"] = clean_selection
     results: List[Dict[str, Any]] = [clean]
-    step_size = pgd_step_size if pgd_step_size is not None else default_step(eps, max(pgd_steps, 1))
-    pgd_acc = pgd_accuracy(net, x, y, eps, pgd_steps, step_size, restarts, norm, batch_size, seed, verbose)
+    pgd_acc = _measured(progress, "pgd", lambda: pgd_accuracy(net, x, y, eps, pgd_steps, step_size, restarts, norm, batch_size, seed, verbose))
     results.append({"attack": "pgd", "accuracy": pgd_acc, "n": n, **threat,
                     "settings": {"steps": pgd_steps, "step_size": step_size, "restarts": restarts, "random_start": True,
                                  "loss": "cross-entropy"}})
     aa_warnings: List[str] = []
     if autoattack:
-        aa = autoattack_accuracy(net, x, y, eps, norm, autoattack, autoattack_attacks, batch_size, seed, verbose)
+        aa = autoattack_accuracy(net, x, y, eps, norm, autoattack, autoattack_attacks, batch_size, seed, verbose, progress)
         aa_warnings = aa["warnings"]
         results.append({"attack": "autoattack", "accuracy": aa["accuracy"], "n": n, **threat,
                         "settings": {"version": "custom" if autoattack_attacks else autoattack, "attacks": aa["attacks"],
@@ -461,7 +605,7 @@ def evaluate(
     report_audit = None
     if do_audit:
         report_audit = audit(net, x, y, eps, norm, pgd_steps, restarts, batch_size, pgd_acc, twin, surrogate_name,
-                             eps_sweep, aa_warnings, plot_path, seed, verbose)
+                             eps_sweep, aa_warnings, plot_path, seed, verbose, progress)
         if "transfer" in report_audit:
             results.append({"attack": "transfer", "accuracy": report_audit["transfer"]["accuracy"], "n": n, **threat,
                             "settings": {"surrogate": surrogate_name, "steps": pgd_steps}})

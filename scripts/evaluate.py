@@ -5,6 +5,11 @@
 
 Writes a JSON report (--output, default <model folder>/eval_report.json or eval_report.json) in the
 shape scripts/push_to_hub.py turns into a model card, and prints a short table.
+
+Each finished measurement (clean, PGD, each AutoAttack attack and batch, each audit attack) is kept in
+<report>.progress.json beside the report until the report is written: run the same command again after
+an interruption and it goes on from there. A progress file of another model, image set or setting is
+refused, not overwritten.
 """
 import argparse
 import json
@@ -17,7 +22,7 @@ import torch
 from edl_timm.attacks import parse_eps
 from edl_timm.cpu import keep_freed_memory
 from edl_timm.data import describe_subset, load_image_split, select_subset
-from edl_timm.evaluation import evaluate, format_table
+from edl_timm.evaluation import ProgressMismatchError, evaluate, format_table
 from edl_timm.hub import CheckpointError, WeightsUnavailableError, create_model, sha256_file
 
 
@@ -111,17 +116,24 @@ def main(argv=None):
     out = Path(args.output) if args.output else (Path(args.model) if os.path.isdir(args.model) else Path(".")) / "eval_report.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     wf = weights_file(model, args.model)
-    report = evaluate(
-        model, x, y, source=args.model, eps=args.eps, norm=args.norm, pgd_steps=args.steps, pgd_step_size=args.step_size,
-        restarts=args.restarts, autoattack=None if args.autoattack == "none" else args.autoattack,
-        autoattack_attacks=args.aa_attacks, do_audit=args.audit, surrogate=surrogate, surrogate_name=args.surrogate or "",
-        plot_path=str(out.with_suffix(".eps_sweep.png")) if args.audit else None, batch_size=args.batch_size, seed=args.seed, verbose=not args.quiet,
-        data={"dataset": args.dataset, "split": args.split, "selection": selection, "note": dataset_note(args.dataset)},
-        weights_sha256=sha256_file(wf) if wf and wf.exists() else None, clean_set=clean_set,
-    )
+    progress = out.with_name(out.stem + ".progress.json")
+    try:
+        report = evaluate(
+            model, x, y, source=args.model, eps=args.eps, norm=args.norm, pgd_steps=args.steps, pgd_step_size=args.step_size,
+            restarts=args.restarts, autoattack=None if args.autoattack == "none" else args.autoattack,
+            autoattack_attacks=args.aa_attacks, do_audit=args.audit, surrogate=surrogate, surrogate_name=args.surrogate or "",
+            plot_path=str(out.with_suffix(".eps_sweep.png")) if args.audit else None, batch_size=args.batch_size, seed=args.seed,
+            verbose=not args.quiet,
+            data={"dataset": args.dataset, "split": args.split, "selection": selection, "note": dataset_note(args.dataset)},
+            weights_sha256=sha256_file(wf) if wf and wf.exists() else None, clean_set=clean_set, progress_path=str(progress),
+        )
+    except ProgressMismatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, out)
+    progress.unlink(missing_ok=True)  # only now: the report holds every measurement the file kept
     print(format_table(report))
     print(f"report: {out}")
     return 0

@@ -1,6 +1,7 @@
 """Evaluation on a tiny model trained inside the tests: attack sanity, AutoAttack, report schema,
 and the masking audit telling a masked model from an honest one."""
 import copy
+import json
 
 import jsonschema
 import pytest
@@ -11,8 +12,8 @@ import torch.nn as nn
 import edl_timm
 from edl_timm.data import load_image_split
 from edl_timm.evaluation import (
-    accuracy, audit, autoattack_accuracy, check_deterministic, evaluate, pgd_accuracy, pixel_model, straight_through,
-    validate_report,
+    ProgressMismatchError, accuracy, audit, autoattack_accuracy, check_deterministic, evaluate, pgd_accuracy, pixel_model,
+    straight_through, validate_report,
 )
 
 from conftest import TINY
@@ -183,3 +184,103 @@ def test_straight_through_gradient_is_the_linear_analysis(mode):
     torch.testing.assert_close(gx, expected, rtol=1e-10, atol=1e-12)
     (g_true,) = torch.autograd.grad(layer(x), x, g)
     assert not torch.allclose(g_true, gx)  # the true gradient sees the threshold and the clamp
+
+
+# ---------------------------------------------------------------------------------------------
+# resuming a killed evaluation
+
+
+def small_mlp_problem(n=48, seed=0):
+    """A random two-layer tanh network on 3x4x4 images: nonlinear, so the attacks' random starts matter
+    and a result that depends on the batches or the seeds would show, and fast to attack."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.Tanh(), nn.Linear(32, 10)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.6 if p.dim() > 1 else 0.1))
+    model.pretrained_cfg = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    x = torch.rand(n, 3, 4, 4, generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[::6] = (y[::6] + 1) % 10  # a few misclassified points, which no attack may count as robust
+    return model, x, y
+
+
+def test_autoattack_batch_by_batch_is_one_autoattack_run():
+    """autoattack_accuracy runs AutoAttack once per attack and batch (so that each batch can be kept);
+    that must give, point for point, what one run of AutoAttack's own loop gives on the same images."""
+    from pyautoattack import AutoAttack
+
+    model, x, y = small_mlp_problem()
+    eps = 0.02
+    ours = autoattack_accuracy(model, x, y, eps, attacks=["apgd-ce", "apgd-t"], batch_size=16)
+    x_adv, _ = AutoAttack(model, attacks=["apgd-ce", "apgd-t"], eps=eps, version="custom", seed=0).run_standard_evaluation(
+        x, y, batch_size=16)
+    with torch.no_grad():
+        theirs = 100.0 * (model(x_adv).argmax(1) == y).float().mean().item()
+    assert ours["accuracy"] == theirs
+    assert 10 < ours["accuracy"] < accuracy(model, x, y) - 10, "the problem must leave robust and flippable points"
+    assert ours["per_attack"]["apgd-ce"] >= ours["per_attack"]["apgd-t"] == ours["accuracy"]
+    assert ours["attacks"] == ["apgd-ce", "apgd-t"] and ours["warnings"] == []
+
+
+def _evaluate_small(progress_path, model=None, eps=0.02):
+    default, x, y = small_mlp_problem()
+    return evaluate(model or default, x, y, source="mlp", eps=eps, autoattack="custom", autoattack_attacks=["apgd-ce", "apgd-t"],
+                    pgd_steps=5, batch_size=16, do_audit=True, surrogate=small_mlp_problem(seed=1)[0], surrogate_name="other",
+                    eps_sweep=[0.0, 0.02, 0.5], data={"dataset": "synthetic", "split": "test", "selection": "all"},
+                    progress_path=progress_path)
+
+
+def _figures(report):
+    return [(r["attack"], r["accuracy"]) for r in report["results"]], report["audit"]["eps_sweep"]
+
+
+def test_a_killed_evaluation_resumes_with_the_figures_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    """The run is killed inside AutoAttack's second attack, after its first batch; run again, it measures
+    only what was missing, and its report equals that of a run that was never stopped."""
+    import edl_timm.evaluation as ev
+
+    whole = _evaluate_small(None)
+    path = tmp_path / "r.progress.json"
+    real = ev._run_autoattack
+    calls = []
+
+    def killed_in_apgd_t(adversary, *a):
+        calls.append(adversary.attacks_to_run[0])
+        if calls.count("apgd-t") == 2:
+            raise KeyboardInterrupt
+        return real(adversary, *a)
+
+    monkeypatch.setattr(ev, "_run_autoattack", killed_in_apgd_t)
+    with pytest.raises(KeyboardInterrupt):
+        _evaluate_small(str(path))
+    kept = json.loads(path.read_text())["stages"]
+    assert {"clean", "pgd", "autoattack/apgd-ce/0", "autoattack/apgd-t/0"} <= set(kept)
+    assert "autoattack/apgd-t/1" not in kept and not any(k.startswith("eps_sweep") for k in kept)
+
+    calls.clear()
+    pgd_runs = []
+    real_pgd = ev.pgd_accuracy
+    monkeypatch.setattr(ev, "pgd_accuracy", lambda *a, **k: pgd_runs.append(a[3]) or real_pgd(*a, **k))
+    resumed = _evaluate_small(str(path))
+    assert _figures(resumed) == _figures(whole)
+    assert "apgd-ce" not in calls and calls.count("apgd-t") >= 1  # apgd-ce's batches and apgd-t's first were kept
+    assert pgd_runs == [0.0, 0.02, 0.5, 0.02]  # the audit's sweep and transfer, not the kept white-box PGD
+
+
+def test_a_progress_file_of_another_evaluation_is_refused_and_kept(tmp_path):
+    path = tmp_path / "r.progress.json"
+    _evaluate_small(str(path))
+    before = path.read_bytes()
+    with pytest.raises(ProgressMismatchError, match=r"differs in: eps, pgd\): delete it to start over"):
+        _evaluate_small(str(path), eps=0.03)
+    model = small_mlp_problem()[0]
+    with torch.no_grad():
+        model[3].bias += 1e-3  # other weights, the same everything else
+    with pytest.raises(ProgressMismatchError, match=r"differs in: model\)"):
+        _evaluate_small(str(path), model=model)
+    assert path.read_bytes() == before
+    path.write_text('{"schema": "edl-timm/eval-progress/1", "stages": [')  # cut off mid-write by something else
+    with pytest.raises(ProgressMismatchError, match="not a readable progress file"):
+        _evaluate_small(str(path))

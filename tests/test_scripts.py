@@ -42,6 +42,7 @@ def test_evaluate_script_with_the_audit_writes_report_table_and_plot(tiny_run, c
     assert report["audit"] is not None and "eps_sweep" in report["audit"]
     plot = report_path.with_suffix(".eps_sweep.png")
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not report_path.with_name("report.progress.json").exists()  # kept only until the report is written
     for line in ("robust (min over attacks)", "audit:", f"report: {report_path}"):
         assert line in done.stdout
 
@@ -56,6 +57,13 @@ def test_evaluate_refuses_pixels_outside_0_1_and_unknown_models(tmp_path, cifar_
     assert done.returncode == 2 and f"no such checkpoint folder: '{tmp_path / 'no_run'}'" in done.stderr
     done = run("evaluate.py", "--model", "edl_resnet18", "--dataset", cifar_dir, "--clean-n", "0")
     assert done.returncode == 2 and "--clean-n: expected a positive number of images or 'all', got '0'" in done.stderr
+    # a progress file that is not this evaluation's (here: not one at all) is refused and left as it was
+    stale = tmp_path / "r.progress.json"
+    stale.write_text("{}")
+    done = run("evaluate.py", "--model", "edl_resnet18", "--dataset", cifar_dir, "--n", 8, "--autoattack", "none",
+               "--output", tmp_path / "r.json")
+    assert done.returncode == 2 and f"error: {stale} is not a readable progress file" in done.stderr, done.stderr[-2000:]
+    assert stale.read_text() == "{}" and not (tmp_path / "r.json").exists()
 
 
 @pytest.mark.slow
