@@ -1,12 +1,16 @@
 """The released models side by side, from their release folders' evaluation reports (the numbers the
-cards show), as a Markdown table: clean accuracy, each attack's, and the robust minimum.
+cards show), as a Markdown table: clean accuracy, each attack's, the robust minimum and the audit.
+
+AutoAttack's figures are cumulative, as AutoAttack reports them: "+ APGD-T" is the accuracy left
+after APGD-CE and then APGD-T on the points APGD-CE did not break. The audit's attacks (transfer
+from the twin, the solver unrolled deeper, BPDA) are each a PGD-20 of their own; "audit" counts the
+report's masking flags.
 
     python benchmarks/release_table.py releases/edl_resnet18.cifar10_fgsm releases/edl_resnet18.cifar10_fgsm_twin
 """
 import argparse
 import json
 from pathlib import Path
-
 
 
 def short_description(model_args):
@@ -23,7 +27,10 @@ def cells(report):
     out.append(f"{pgd['accuracy']:.2f}" if pgd else "")
     per_attack = acc["autoattack"]["settings"]["per_attack"] if "autoattack" in acc else {}
     out += [f"{per_attack[a]:.2f}" if a in per_attack else "" for a in ("apgd-ce", "apgd-t")]
+    out += [f"{acc[a]['accuracy']:.2f}" if a in acc else "" for a in ("transfer", "unrolled", "bpda")]
     out.append(f"{report['robust_accuracy']:.2f}")
+    audit = report.get("audit")
+    out.append("" if audit is None else "no flag" if not audit["flags"] else f"{len(audit['flags'])} flag(s)")
     return out, acc
 
 
@@ -43,7 +50,8 @@ def main():
     if len(sizes) != 1:
         raise SystemExit(f"the reports measure different images ({sorted(sizes, key=str)}): not one table")
     (clean_n, attack_n, _), = sizes
-    header = ["release", "model", f"clean ({clean_n:,})", f"PGD-20 ({attack_n:,})", "APGD-CE", "APGD-T", "robust (min)"]
+    header = ["release", "model", f"clean ({clean_n:,})", f"PGD-20 ({attack_n:,})", "APGD-CE", "+ APGD-T", "transfer",
+              "unrolled", "BPDA", "robust (min)", "audit"]
     table = [header] + rows
     keep = [i for i in range(len(header)) if any(r[i] for r in rows)]  # no column that no report fills
     for r in table[:1] + [["---"] * len(header)] + table[1:]:

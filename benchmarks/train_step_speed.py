@@ -56,6 +56,18 @@ def build(name, example, compile_, **kwargs):
     return torch.compile(net)
 
 
+def cells(args, **model_kwargs):
+    """Every measured cell, in print order: (model, step, dtype, layout, input in that layout, labels,
+    bf16?); each table builds and times its own pair of models on it."""
+    for name in args.models:
+        size = timm.create_model(name, mode="none", **model_kwargs).pretrained_cfg["input_size"]
+        x = torch.rand(args.batch, *size, device=args.device)
+        y = torch.randint(0, 10, (args.batch,), device=args.device)
+        for adv, layout, dtype in itertools.product(args.adv, ("NCHW", "NHWC"), ("fp32", "bf16")):
+            xb = x.contiguous(memory_format=torch.channels_last) if layout == "NHWC" else x
+            yield name, adv, dtype, layout, xb, y, dtype == "bf16"
+
+
 def table(args):
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"torch {torch.__version__}, {where}, batch {args.batch}, fastest of {args.repeats}, "
@@ -63,23 +75,16 @@ def table(args):
           f"{'on' if fused_available() else 'UNAVAILABLE'}")
     print(f"{'model':<24} {'step':>5} {'dtype':>5} {'layout':>6} {'twin img/s':>10} {'EDL img/s':>9} {'EDL/twin':>8} "
           f"{'bf16 EDL / fp32 EDL':>19}")
-    for name in args.models:
-        size = timm.create_model(name, mode="none").pretrained_cfg["input_size"]
-        x = torch.rand(args.batch, *size, device=args.device)
-        y = torch.randint(0, 10, (args.batch,), device=args.device)
-        fp32_edl = {}
-        for adv, layout, dtype in itertools.product(args.adv, ("NCHW", "NHWC"), ("fp32", "bf16")):
-            cl, bf16 = layout == "NHWC", dtype == "bf16"
-            xb = x.contiguous(memory_format=torch.channels_last) if cl else x
-            twin = build(name, xb, args.compile, mode="none", num_classes=10)
-            edl = build(name, xb, args.compile, num_classes=10)
-            t_twin, t_edl = fastest_times([make_step(twin, xb, y, adv, bf16), make_step(edl, xb, y, adv, bf16)],
-                                          args.repeats)
-            if not bf16:
-                fp32_edl[(adv, layout)] = t_edl
-            gain = f"{fp32_edl[(adv, layout)] / t_edl:19.2f}" if bf16 else f"{'':>19}"
-            print(f"{name:<24} {adv:>5} {dtype:>5} {layout:>6} {args.batch / t_twin:10.1f} {args.batch / t_edl:9.1f} "
-                  f"{t_edl / t_twin:8.2f} {gain}", flush=True)
+    fp32_edl = {}
+    for name, adv, dtype, layout, xb, y, bf16 in cells(args):
+        twin = build(name, xb, args.compile, mode="none", num_classes=10)
+        edl = build(name, xb, args.compile, num_classes=10)
+        t_twin, t_edl = fastest_times([make_step(twin, xb, y, adv, bf16), make_step(edl, xb, y, adv, bf16)], args.repeats)
+        if not bf16:
+            fp32_edl[(name, adv, layout)] = t_edl
+        gain = f"{fp32_edl[(name, adv, layout)] / t_edl:19.2f}" if bf16 else f"{'':>19}"
+        print(f"{name:<24} {adv:>5} {dtype:>5} {layout:>6} {args.batch / t_twin:10.1f} {args.batch / t_edl:9.1f} "
+              f"{t_edl / t_twin:8.2f} {gain}", flush=True)
 
 
 def compile_table(args):
@@ -92,21 +97,15 @@ def compile_table(args):
     print(f"{'model':<24} {'step':>5} {'dtype':>5} {'layout':>6} {'eager img/s':>11} {'compiled img/s':>14} "
           f"{'compiled/eager speed':>20} {'compile s':>9}")
     kwargs = {"channels": tuple(args.channels)} if args.channels else {}
-    for name in args.models:
-        size = timm.create_model(name, mode="none", **kwargs).pretrained_cfg["input_size"]
-        x = torch.rand(args.batch, *size)
-        y = torch.randint(0, 10, (args.batch,))
-        for adv, layout, dtype in itertools.product(args.adv, ("NCHW", "NHWC"), ("fp32", "bf16")):
-            cl, bf16 = layout == "NHWC", dtype == "bf16"
-            xb = x.contiguous(memory_format=torch.channels_last) if cl else x
-            eager = make_step(build(name, xb, False, num_classes=10, **kwargs), xb, y, adv, bf16)
-            compiled = make_step(build(name, xb, True, num_classes=10, **kwargs), xb, y, adv, bf16)
-            t0 = time.perf_counter()
-            compiled()  # the compilation (fastest_times' own warm-up step then runs compiled code)
-            compile_s = time.perf_counter() - t0
-            t_eager, t_comp = fastest_times([eager, compiled], args.repeats)
-            print(f"{name:<24} {adv:>5} {dtype:>5} {layout:>6} {args.batch / t_eager:11.1f} {args.batch / t_comp:14.1f} "
-                  f"{t_eager / t_comp:20.2f} {compile_s:9.0f}", flush=True)
+    for name, adv, dtype, layout, xb, y, bf16 in cells(args, **kwargs):
+        eager = make_step(build(name, xb, False, num_classes=10, **kwargs), xb, y, adv, bf16)
+        compiled = make_step(build(name, xb, True, num_classes=10, **kwargs), xb, y, adv, bf16)
+        t0 = time.perf_counter()
+        compiled()  # the compilation (fastest_times' own warm-up step then runs compiled code)
+        compile_s = time.perf_counter() - t0
+        t_eager, t_comp = fastest_times([eager, compiled], args.repeats)
+        print(f"{name:<24} {adv:>5} {dtype:>5} {layout:>6} {args.batch / t_eager:11.1f} {args.batch / t_comp:14.1f} "
+              f"{t_eager / t_comp:20.2f} {compile_s:9.0f}", flush=True)
 
 
 def main():
