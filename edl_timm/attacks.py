@@ -12,13 +12,19 @@ import torch.nn.functional as F
 __all__ = ["Normalized", "parse_eps", "pgd", "fgsm_rs", "trades_adversary", "pgd_step_size", "REPORTED_ATTACKS",
            "describe_attack"]
 
+# APGD-CE's (and APGD-DLR's) restarts in each AutoAttack version at L-inf and L2, as pyautoattack sets
+# them: a report names its restarts only where they differ.
+APGD_RESTARTS = {"standard": 1, "plus": 5, "custom": 5}
+
 # The attacks an evaluation report, a model card and a hub_configs metric may name, each with how it
 # is described from its settings: the one table evaluation, publishing and the hub configs read.
 REPORTED_ATTACKS = {
     "clean": lambda s: "clean",
     "pgd": lambda s: f"PGD-{s.get('steps', '?')}, {s.get('restarts', 1)} restart(s)",
     "autoattack": lambda s: f"AutoAttack {s.get('version', 'standard')}" + (
-        f" ({', '.join(s['attacks'])})" if s.get("version") == "custom" and s.get("attacks") else ""),
+        f" ({', '.join(s['attacks'])})" if s.get("version") == "custom" and s.get("attacks") else "") + (
+        f", APGD with {s['apgd_restarts']} restart(s)"
+        if s.get("apgd_restarts", APGD_RESTARTS.get(s.get("version"))) != APGD_RESTARTS.get(s.get("version")) else ""),
     "transfer": lambda s: f"transfer PGD from {s.get('surrogate', 'a surrogate')}",
     "bpda": lambda s: "PGD with a straight-through (BPDA) backward",
     "unrolled": lambda s: f"PGD through the solver unrolled to {s.get('num_iters', '?')} steps",

@@ -127,11 +127,12 @@ class _Records(logging.Handler):
 def autoattack_accuracy(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "Linf", version: str = "standard",
     attacks: Optional[Sequence[str]] = None, batch_size: int = 256, seed: int = 0, verbose: bool = False,
-    progress: Optional["Progress"] = None,
+    progress: Optional["Progress"] = None, apgd_restarts: Optional[int] = None,
 ) -> Dict[str, Any]:
     """AutoAttack (``pyautoattack``, the Croce & Hein code): overall accuracy (%), accuracy after
     each attack, and the warnings of its own checks (randomness, output range, zero gradients,
-    dynamic defence, Square beating the gradient attacks).
+    dynamic defence, Square beating the gradient attacks). ``apgd_restarts`` overrides the version's
+    restarts of APGD-CE and APGD-DLR (standard: 1; custom and plus: 5).
 
     AutoAttack's own loop runs each attack on the points every earlier attack failed on, in batches
     of ``batch_size``. This function runs that loop itself, one AutoAttack call per attack and batch
@@ -146,6 +147,10 @@ def autoattack_accuracy(
         adversary = AutoAttack(model, attacks=list(attacks), eps=eps, norm=norm, version="custom", seed=seed, device=dev)
     else:
         adversary = AutoAttack(model, eps=eps, norm=norm, version=version, seed=seed, device=dev)
+    if apgd_restarts is not None:
+        if apgd_restarts < 1:
+            raise ValueError(f"APGD needs at least one restart, got {apgd_restarts}")
+        adversary.apgd.n_restarts = apgd_restarts
     to_run = list(adversary.attacks_to_run)
     robust = predict(model, x, batch_size) == y
     clean = robust.float().mean().item()
@@ -177,7 +182,7 @@ def autoattack_accuracy(
     checks.check_square_sr({"clean": clean, **{k: v / 100 for k, v in per_attack.items()}}, logger=_capturing(records))
     warnings += [r.getMessage() for r in records.records if r.getMessage() not in warnings]
     return {"accuracy": 100.0 * robust.float().mean().item(), "per_attack": per_attack, "warnings": warnings,
-            "attacks": to_run}
+            "attacks": to_run, "apgd_restarts": adversary.apgd.n_restarts}
 
 
 def _capturing(records: "_Records") -> logging.Logger:
@@ -557,7 +562,7 @@ def evaluate(
     surrogate_name: str = "", plot_path: Optional[str] = None, batch_size: int = 256, seed: int = 0,
     data: Optional[Dict[str, Any]] = None, weights_sha256: Optional[str] = None, verbose: bool = False,
     eps_sweep: Optional[Sequence[float]] = None, clean_set: Optional[Tuple[torch.Tensor, torch.Tensor, str]] = None,
-    progress_path: Optional[str] = None,
+    progress_path: Optional[str] = None, autoattack_restarts: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Evaluate a timm ``model`` (normalised input; wrapped here) on pixels ``x`` in [0, 1]; return the report.
 
@@ -576,7 +581,7 @@ def evaluate(
         identity = {
             "model": fingerprint(model), "surrogate": fingerprint(surrogate) if surrogate is not None else None,
             "images": fingerprint(x, y), "clean_images": fingerprint(clean_x, clean_y), **threat,
-            "pgd": [pgd_steps, step_size, restarts], "autoattack": [autoattack, list(autoattack_attacks or [])],
+            "pgd": [pgd_steps, step_size, restarts], "autoattack": [autoattack, list(autoattack_attacks or []), autoattack_restarts],
             "eps_sweep": list(eps_sweep) if eps_sweep is not None else None, "batch_size": batch_size, "seed": seed,
             "versions": _versions(),
         }
@@ -597,11 +602,13 @@ def evaluate(
                                  "loss": "cross-entropy"}})
     aa_warnings: List[str] = []
     if autoattack:
-        aa = autoattack_accuracy(net, x, y, eps, norm, autoattack, autoattack_attacks, batch_size, seed, verbose, progress)
+        aa = autoattack_accuracy(net, x, y, eps, norm, autoattack, autoattack_attacks, batch_size, seed, verbose, progress,
+                                 autoattack_restarts)
         aa_warnings = aa["warnings"]
         results.append({"attack": "autoattack", "accuracy": aa["accuracy"], "n": n, **threat,
                         "settings": {"version": "custom" if autoattack_attacks else autoattack, "attacks": aa["attacks"],
-                                     "per_attack": aa["per_attack"], "warnings": aa["warnings"], "seed": seed}})
+                                     "apgd_restarts": aa["apgd_restarts"], "per_attack": aa["per_attack"], "warnings": aa["warnings"],
+                                     "seed": seed}})
     report_audit = None
     if do_audit:
         report_audit = audit(net, x, y, eps, norm, pgd_steps, restarts, batch_size, pgd_acc, twin, surrogate_name,

@@ -88,6 +88,8 @@ def main(argv=None):
     p.add_argument("--restarts", type=int, default=1)
     p.add_argument("--autoattack", default="standard", choices=["standard", "plus", "custom", "none"])
     p.add_argument("--aa-attacks", nargs="*", default=None, help="attack list for --autoattack custom, e.g. apgd-ce apgd-t")
+    p.add_argument("--aa-restarts", type=int, default=None,
+                   help="restarts of APGD-CE and APGD-DLR (default: the version's own; standard 1, custom and plus 5)")
     p.add_argument("--audit", action="store_true", help="run the gradient-masking audit")
     p.add_argument("--surrogate", default=None, help="model for the audit's transfer attack (e.g. the plain mode=none twin)")
     p.add_argument("--output", default=None, help="JSON report path")
@@ -96,6 +98,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.autoattack == "custom" and not args.aa_attacks:
         p.error("--autoattack custom needs --aa-attacks")
+    if args.aa_restarts is not None and args.aa_restarts < 1:
+        p.error(f"--aa-restarts: APGD needs at least one restart, got {args.aa_restarts}")
     if torch.device(args.device).type == "cpu":
         keep_freed_memory()  # page reuse: 5-10% of a CPU step for EDL models (edl_timm/cpu.py)
     try:
@@ -126,6 +130,7 @@ def main(argv=None):
             verbose=not args.quiet,
             data={"dataset": args.dataset, "split": args.split, "selection": selection, "note": dataset_note(args.dataset)},
             weights_sha256=sha256_file(wf) if wf and wf.exists() else None, clean_set=clean_set, progress_path=str(progress),
+            autoattack_restarts=args.aa_restarts,
         )
     except ProgressMismatchError as e:
         print(f"error: {e}", file=sys.stderr)

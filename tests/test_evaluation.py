@@ -284,3 +284,28 @@ def test_a_progress_file_of_another_evaluation_is_refused_and_kept(tmp_path):
     path.write_text('{"schema": "edl-timm/eval-progress/1", "stages": [')  # cut off mid-write by something else
     with pytest.raises(ProgressMismatchError, match="not a readable progress file"):
         _evaluate_small(str(path))
+
+
+def test_apgd_restarts_are_set_run_and_named(monkeypatch):
+    """--aa-restarts reaches APGD (counted: one single run per restart on the points it cannot break),
+    is recorded, and a report names it only where it differs from the version's own."""
+    from pyautoattack.autopgd_base import APGDAttack
+
+    from edl_timm.attacks import describe_attack
+
+    model, x, y, expected = linear_problem("Linf", 0.05, classes=10)
+    runs = []
+    real = APGDAttack.attack_single_run
+    monkeypatch.setattr(APGDAttack, "attack_single_run", lambda self, *a, **k: runs.append(1) or real(self, *a, **k))
+    for restarts, single_runs in ((None, 5), (1, 1), (2, 2)):
+        runs.clear()
+        aa = autoattack_accuracy(model, x, y, 0.05, attacks=["apgd-ce"], apgd_restarts=restarts, batch_size=len(y))
+        assert len(runs) == single_runs and aa["apgd_restarts"] == single_runs
+        assert aa["accuracy"] == expected  # the linear problem's closed form, whatever the restarts
+    with pytest.raises(ValueError, match="at least one restart"):
+        autoattack_accuracy(model, x, y, 0.05, attacks=["apgd-ce"], apgd_restarts=0)
+    custom = {"version": "custom", "attacks": ["apgd-ce"]}
+    assert describe_attack("autoattack", dict(custom, apgd_restarts=5)) == "AutoAttack custom (apgd-ce)"
+    assert describe_attack("autoattack", custom) == "AutoAttack custom (apgd-ce)"  # reports made before the setting
+    assert describe_attack("autoattack", dict(custom, apgd_restarts=1)) == "AutoAttack custom (apgd-ce), APGD with 1 restart(s)"
+    assert describe_attack("autoattack", {"version": "standard", "apgd_restarts": 1}) == "AutoAttack standard"
