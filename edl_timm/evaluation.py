@@ -219,7 +219,7 @@ class Progress:
     ``identity`` says what is measured (model weights, images, threat model, attack settings); a
     file made for another identity is refused with what to do, never overwritten. Each measurement
     is written as soon as it is finished (a temporary file, then a rename: a kill leaves the last
-    complete file). Measurements are keyed by name ("clean", "pgd", "autoattack/apgd-t/0", ...)."""
+    complete file); the caller removes the file once its report is saved. Measurements are keyed by name ("clean", "pgd", "autoattack/apgd-t/0", ...)."""
 
     SCHEMA = "edl-timm/eval-progress/1"
 
@@ -258,10 +258,6 @@ class Progress:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps({"schema": self.SCHEMA, "identity": self.identity, "stages": self.stages}))
         os.replace(tmp, self.path)
-
-    def discard(self) -> None:
-        """Remove the file (once the whole report is written)."""
-        self.path.unlink(missing_ok=True)
 
 
 def fingerprint(*items: Any) -> str:
@@ -397,7 +393,20 @@ def audit(
         # craft through the deeper solver (and the straight-through backward), judge the model as deployed
         acc = _measured(progress, f"unrolled/{deeper}",
                         lambda: pgd_accuracy(model, x, y, eps, source=_AttackerView(model, solver_steps, deeper), **pgd_kw))
-        out["unrolled"] = {"num_iters": deeper, "accuracy": acc}
+        # the check assumes the deeper solver computes nearly the same function; a model trained at a
+        # small T may not (then its gradients are another function's, and the check says little)
+        def agreement():
+            deployed = predict(model, x, batch_size)
+            with solver_steps(_unwrap(model), deeper):
+                return 100.0 * (predict(model, x, batch_size) == deployed).float().mean().item()
+
+        agree = _measured(progress, f"unrolled/{deeper}/agreement", agreement)
+        out["unrolled"] = {"num_iters": deeper, "accuracy": acc, "agreement": agree}
+        if agree < 90:
+            out.setdefault("notes", []).append(
+                f"the solver unrolled to {deeper} steps predicts the deployed model's class on only {agree:.1f}% of "
+                "the clean images: it is another function, so PGD through it says little about masking"
+            )
         acc = _measured(progress, "bpda", lambda: pgd_accuracy(model, x, y, eps, source=_AttackerView(model, straight_through), **pgd_kw))
         out["bpda"] = {"accuracy": acc}
         for key, what in (("unrolled", f"the solver unrolled to {deeper} steps"), ("bpda", "a straight-through (BPDA) backward")):
@@ -428,6 +437,7 @@ def audit(
     for w in autoattack_warnings:
         flags.append(f"AutoAttack check: {w}")
     out["autoattack_warnings"] = list(autoattack_warnings)
+    out.setdefault("notes", [])  # what limits a check's reach, which is not a sign of masking
     out["flags"] = flags
     out["masking_suspected"] = bool(flags)
     return out

@@ -142,7 +142,8 @@ def model_card(cfg: Dict[str, Any], report: Dict[str, Any], args: Dict[str, Any]
         parts += ["per-layer gradient norms"]
         missing = "" if "transfer" in audit else " It ran no transfer attack (no surrogate was given)."
         audit_text = (f"The gradient-masking audit ({', '.join(parts)}) "
-                      + ("raised: " + "; ".join(flags) + "." if flags else "raised no flag.") + missing)
+                      + ("raised: " + "; ".join(flags) + "." if flags else "raised no flag.") + missing
+                      + "".join(f" Note: {_sentence(n)}" for n in audit.get("notes", [])))
     train_cmd = " ".join(f"--{k.replace('_', '-')} {_eps_str(v) if k == 'eps' else v}" for k, v in args.items()
                          if k in ("adv", "eps", "epochs", "lr") and v is not None)
     return f"""---

@@ -129,6 +129,19 @@ def test_audit_flags_a_masked_model_and_not_an_honest_one(trained, tiny_run):
     honest = audit(pixel_model(model), x, y, **kw)
     assert honest["flags"] == [], honest["flags"]
     assert honest["eps_sweep"][-1]["accuracy"] <= honest["tolerance"]
+    # how often the deeper solver predicts what the deployed model does, computed here layer by layer
+    net = pixel_model(model)
+    layers = [m for m in model.modules() if edl_timm.is_edl_layer(m)]
+    with torch.no_grad():
+        deployed = net(x).argmax(1)
+        for m in layers:
+            m.num_iters *= 2
+        deeper = net(x).argmax(1)
+        for m in layers:
+            m.num_iters //= 2
+    agree = 100.0 * (deployed == deeper).float().mean().item()
+    assert honest["unrolled"]["agreement"] == pytest.approx(agree) and honest["unrolled"]["num_iters"] == 2 * layers[0].num_iters
+    assert bool(honest["notes"]) == (agree < 90)
     masked = audit(pixel_model(Rounded(model)), x, y, **kw)
     assert masked["masking_suspected"]
     text = " ".join(masked["flags"])
