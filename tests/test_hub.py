@@ -187,6 +187,13 @@ def test_card_says_what_the_model_and_its_training_are_and_ships_the_audit_plot(
     assert "| clean | 12 | 75.00 |" in card and "![PGD accuracy against eps" in card
     assert "- `train_hours`: 1.5\n\nTrained on 2 CPU cores.\n\n## Results" in card
     assert "It ran no transfer attack" in card and "the solver unrolled" not in card  # the twin has no solver
+    assert report["audit"]["notes"] == [] and "Note:" not in card
+    # an audit's notes (what limits a check, not a sign of masking) are printed after its verdict
+    report["audit"]["notes"] = ["the solver unrolled to 4 steps predicts the deployed model's class on only 30.0% of the "
+                                "clean images: it is another function"]
+    build_release(train_dir, report, tmp_path / "noted", "twin_noted", hub_configs_dir=tmp_path / "configs")
+    assert ("It ran no transfer attack (no surrogate was given). Note: The solver unrolled to 4 steps predicts the deployed "
+            "model's class on only 30.0% of the clean images: it is another function.") in (tmp_path / "noted" / "README.md").read_text()
 
 
 def test_release_refuses_weights_that_were_not_evaluated(release, tmp_path):
