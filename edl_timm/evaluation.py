@@ -171,41 +171,45 @@ def autoattack_accuracy(
                 fooled = predict(model, x_adv.cpu(), batch_size) != y[i]  # judged here, not taken from its log
                 return {"fooled": i[fooled].tolist(), "warnings": batch_warnings}
 
-            done = progress.measure(f"autoattack/{attack}/{k}", run_batch) if progress else run_batch()
+            done = _measured(progress, f"autoattack/{attack}/{k}", run_batch)
             robust[torch.tensor(done["fooled"], dtype=torch.long)] = False
             warnings += [w for w in done["warnings"] if w not in warnings]
         per_attack[attack] = 100.0 * robust.float().mean().item()
         if verbose:
             _log.info("AutoAttack: robust accuracy after %s: %.2f%%", attack.upper(), per_attack[attack])
     # the one check that needs every attack's figure (each call above saw only its own)
-    records = _Records()
-    checks.check_square_sr({"clean": clean, **{k: v / 100 for k, v in per_attack.items()}}, logger=_capturing(records))
-    warnings += [r.getMessage() for r in records.records if r.getMessage() not in warnings]
+    with _autoattack_log() as records:
+        checks.check_square_sr({"clean": clean, **{k: v / 100 for k, v in per_attack.items()}},
+                               logger=logging.getLogger("auto-attack"))
+    warnings += [m for m in _warnings(records) if m not in warnings]
     return {"accuracy": 100.0 * robust.float().mean().item(), "per_attack": per_attack, "warnings": warnings,
             "attacks": to_run, "apgd_restarts": adversary.apgd.n_restarts}
 
 
-def _capturing(records: "_Records") -> logging.Logger:
-    logger = logging.getLogger("edl_timm.autoattack-checks")
-    logger.handlers = [records]
-    logger.propagate = False
-    logger.setLevel(logging.DEBUG)
-    return logger
-
-
-def _run_autoattack(adversary, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Tuple[torch.Tensor, List[str]]:
-    """One ``run_standard_evaluation``; returns its adversarial points and the warnings it logged."""
+@contextlib.contextmanager
+def _autoattack_log() -> Iterator[List[logging.LogRecord]]:
+    """Every record pyautoattack logs inside the block (its "auto-attack" logger), in a list."""
     records = _Records()
     logger = logging.getLogger("auto-attack")
     old_level = logger.level
     logger.addHandler(records)
     logger.setLevel(logging.DEBUG)
     try:
-        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+        yield records.records
     finally:
         logger.removeHandler(records)
         logger.setLevel(old_level)
-    return x_adv, [r.getMessage() for r in records.records if r.levelno >= logging.WARNING]
+
+
+def _warnings(records: List[logging.LogRecord]) -> List[str]:
+    return [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+
+
+def _run_autoattack(adversary, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Tuple[torch.Tensor, List[str]]:
+    """One ``run_standard_evaluation``; returns its adversarial points and the warnings it logged."""
+    with _autoattack_log() as records:
+        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+    return x_adv, _warnings(records)
 
 
 class ProgressMismatchError(ValueError):
@@ -219,7 +223,8 @@ class Progress:
     ``identity`` says what is measured (model weights, images, threat model, attack settings); a
     file made for another identity is refused with what to do, never overwritten. Each measurement
     is written as soon as it is finished (a temporary file, then a rename: a kill leaves the last
-    complete file); the caller removes the file once its report is saved. Measurements are keyed by name ("clean", "pgd", "autoattack/apgd-t/0", ...)."""
+    complete file); the caller removes the file once its report is saved. Measurements are keyed by
+    name ("clean", "pgd", "autoattack/apgd-t/0", ...)."""
 
     SCHEMA = "edl-timm/eval-progress/1"
 
