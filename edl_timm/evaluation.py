@@ -364,22 +364,32 @@ def audit(
     restarts: int = 1, batch_size: int = 256, white_box_accuracy: Optional[float] = None,
     surrogate: Optional[nn.Module] = None, surrogate_name: str = "", eps_sweep: Optional[Sequence[float]] = None,
     autoattack_warnings: Sequence[str] = (), plot_path: Optional[str] = None, seed: int = 0, verbose: bool = False,
-    progress: Optional[Progress] = None,
+    progress: Optional[Progress] = None, white_box_step_size: Optional[float] = None,
 ) -> Dict[str, Any]:
     """The gradient-masking audit of ``../shared/docs/evaluation.md``. Returns its measurements and
     ``flags``: plain-words signs of masking (empty for an honest evaluation). Each attack's figure
-    is kept in ``progress`` when one is given (see ``Progress``)."""
+    is kept in ``progress`` when one is given (see ``Progress``).
+
+    ``white_box_accuracy`` is the plain PGD's figure at ``eps`` with these steps, restarts and seed, and
+    ``white_box_step_size`` its step (None: the default). At the default step it is the sweep's point at
+    ``eps`` too, which is then not attacked again."""
     n = len(y)
     tol = max(2.0, 100.0 / n)  # one image, or 2 points on larger sets: differences below are noise
     pgd_kw = dict(norm=norm, steps=steps, restarts=restarts, batch_size=batch_size, seed=seed, verbose=verbose)
     if white_box_accuracy is None:
         white_box_accuracy = _measured(progress, "pgd", lambda: pgd_accuracy(model, x, y, eps, **pgd_kw))
+        white_box_step_size = None
     flags: List[str] = []
     out: Dict[str, Any] = {"tolerance": tol}
 
+    def sweep_point(e: float) -> float:
+        # the same attack, step and seed as the white-box PGD: the same figure, so not run twice
+        if e == eps and white_box_step_size in (None, default_step(eps, steps)):
+            return white_box_accuracy
+        return _measured(progress, f"eps_sweep/{e!r}", lambda: pgd_accuracy(model, x, y, e, **pgd_kw))
+
     sweep = list(eps_sweep) if eps_sweep is not None else [0.0, eps / 2, eps, 2 * eps, 4 * eps, 8 * eps, 16 * eps]
-    curve = [{"eps": e, "accuracy": _measured(progress, f"eps_sweep/{e!r}", lambda e=e: pgd_accuracy(model, x, y, e, **pgd_kw))}
-             for e in sweep]
+    curve = [{"eps": e, "accuracy": sweep_point(e)} for e in sweep]
     out["eps_sweep"] = curve
     if curve[-1]["accuracy"] > tol:
         flags.append(
@@ -627,7 +637,7 @@ def evaluate(
     report_audit = None
     if do_audit:
         report_audit = audit(net, x, y, eps, norm, pgd_steps, restarts, batch_size, pgd_acc, twin, surrogate_name,
-                             eps_sweep, aa_warnings, plot_path, seed, verbose, progress)
+                             eps_sweep, aa_warnings, plot_path, seed, verbose, progress, step_size)
         if "transfer" in report_audit:
             results.append({"attack": "transfer", "accuracy": report_audit["transfer"]["accuracy"], "n": n, **threat,
                             "settings": {"surrogate": surrogate_name, "steps": pgd_steps}})

@@ -279,7 +279,28 @@ def test_a_killed_evaluation_resumes_with_the_figures_of_an_uninterrupted_one(tm
     resumed = _evaluate_small(str(path))
     assert _figures(resumed) == _figures(whole)
     assert "apgd-ce" not in calls and calls.count("apgd-t") >= 1  # apgd-ce's batches and apgd-t's first were kept
-    assert pgd_runs == [0.0, 0.02, 0.5, 0.02]  # the audit's sweep and transfer, not the kept white-box PGD
+    assert pgd_runs == [0.0, 0.5, 0.02]  # the audit's sweep (its point at eps is the white-box PGD's) and transfer
+
+
+@pytest.mark.parametrize("step_size", [None, 0.004])
+def test_the_sweep_point_at_eps_is_the_white_box_pgd_only_when_it_is_the_same_attack(monkeypatch, step_size):
+    import edl_timm.evaluation as ev
+
+    model, x, y = small_mlp_problem()
+    runs = []
+    real_pgd = ev.pgd_accuracy
+    monkeypatch.setattr(ev, "pgd_accuracy", lambda *a, **k: runs.append((a[3], k.get("source"))) or real_pgd(*a, **k))
+    report = evaluate(model, x, y, source="mlp", eps=0.02, pgd_steps=5, pgd_step_size=step_size, autoattack=None,
+                      batch_size=16, do_audit=True, eps_sweep=[0.0, 0.02, 0.5],
+                      data={"dataset": "synthetic", "split": "test", "selection": "all"})
+    own = [e for e, source in runs if source is None]
+    sweep = {p["eps"]: p["accuracy"] for p in report["audit"]["eps_sweep"]}
+    pgd = next(r["accuracy"] for r in report["results"] if r["attack"] == "pgd")
+    assert sweep[0.02] == real_pgd(model, x, y, 0.02, steps=5, batch_size=16)  # the sweep's attack, recomputed
+    if step_size is None:
+        assert own == [0.02, 0.0, 0.5] and sweep[0.02] == pgd
+    else:  # another step is another attack: the sweep runs its own
+        assert own == [0.02, 0.0, 0.02, 0.5]
 
 
 def test_a_progress_file_of_another_evaluation_is_refused_and_kept(tmp_path):
