@@ -380,6 +380,7 @@ def audit(
         white_box_accuracy = _measured(progress, "pgd", lambda: pgd_accuracy(model, x, y, eps, **pgd_kw))
         white_box_step_size = None
     flags: List[str] = []
+    notes: List[str] = []  # what limits a check's reach, which is not a sign of masking
     out: Dict[str, Any] = {"tolerance": tol}
 
     def sweep_point(e: float) -> float:
@@ -418,7 +419,7 @@ def audit(
         agree = _measured(progress, f"unrolled/{deeper}/agreement", agreement)
         out["unrolled"] = {"num_iters": deeper, "accuracy": acc, "agreement": agree}
         if agree < 90:
-            out.setdefault("notes", []).append(
+            notes.append(
                 f"the solver unrolled to {deeper} steps predicts the deployed model's class on only {agree:.1f}% of "
                 "the clean images: it is another function, so PGD through it says little about masking"
             )
@@ -452,7 +453,7 @@ def audit(
     for w in autoattack_warnings:
         flags.append(f"AutoAttack check: {w}")
     out["autoattack_warnings"] = list(autoattack_warnings)
-    out.setdefault("notes", [])  # what limits a check's reach, which is not a sign of masking
+    out["notes"] = notes
     out["flags"] = flags
     out["masking_suspected"] = bool(flags)
     return out
