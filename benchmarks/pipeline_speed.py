@@ -4,7 +4,7 @@
     python benchmarks/pipeline_speed.py --device cuda --bf16 --channels-last --compile
 
 Evaluation: PGD-20 (L-inf 8/255), batched. Training: one optimizer step of each objective
-(--adv none | fgsm | pgd with 10 steps), through the same code as scripts/train.py (``_loss``).
+(--adv none | fgsm | pgd with 10 steps), through the same code as scripts/train.py (``edl_timm.objectives.objective_loss``).
 Each figure is the fastest of --repeats timed runs after one warm-up; ratios are EDL / plain.
 """
 import argparse
@@ -16,7 +16,7 @@ import edl_timm  # noqa: F401  (registers the models)
 from _timing import fastest_times  # benchmarks/, first on sys.path when run as a script
 from edl_timm.attacks import Normalized, pgd
 from edl_timm.cpu import keep_freed_memory
-from edl_timm.training import TrainConfig, _loss
+from edl_timm.objectives import objective_loss
 
 
 def main():
@@ -54,7 +54,7 @@ def main():
             def run():
                 net.train()
                 with ctx:
-                    loss, _ = _loss(TrainConfig(model=args.model, adv=adv, steps=10), net, x, y, None)
+                    loss, _ = objective_loss(adv, net, x, y, eps=8 / 255, steps=10)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Normalized", "parse_eps", "pgd", "fgsm_rs", "trades_adversary", "pgd_step_size", "REPORTED_ATTACKS",
+__all__ = ["Normalized", "parse_eps", "pgd", "fgsm_rs", "nfgsm", "trades_adversary", "pgd_step_size", "REPORTED_ATTACKS",
            "describe_attack"]
 
 # APGD-CE's (and APGD-DLR's) restarts in each AutoAttack version at L-inf and L2, as pyautoattack sets
@@ -127,6 +127,21 @@ def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alph
             generator: Optional[torch.Generator] = None, loss_scale: float = 1.0) -> torch.Tensor:
     """FGSM with a random start ("Fast is better than free", Wong et al. 2020), alpha = 1.25 eps."""
     return pgd(model, x, y, eps, 1.25 * eps if alpha is None else alpha, 1, generator=generator, loss_scale=loss_scale)
+
+
+def nfgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: Optional[float] = None,
+          noise: float = 2.0, generator: Optional[torch.Generator] = None, loss_scale: float = 1.0) -> torch.Tensor:
+    """N-FGSM ("Make Some Noise", de Jorge et al. 2022): x + eta + alpha sign(grad at x + eta), with
+    eta uniform in [-noise eps, noise eps], alpha = eps, kept in [0, 1] but not projected back onto the
+    eps-ball (the perturbation reaches (noise + 1) eps): the noise and the missing clip are what keep
+    single-step training from catastrophic overfitting, as pdejorge/N-FGSM's train.py runs it."""
+    x = x.detach()
+    eta = (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * (noise * eps)
+    eta = (x + eta).clamp(0, 1) - x
+    eta.requires_grad_(True)
+    grad = _input_grad(lambda d: F.cross_entropy(model(x + d).float(), y), eta, loss_scale)
+    with torch.no_grad():
+        return (x + eta + (eps if alpha is None else alpha) * grad.sign()).clamp(0, 1)
 
 
 def trades_adversary(model: nn.Module, x: torch.Tensor, eps: float, alpha: float, steps: int,

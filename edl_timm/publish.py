@@ -17,6 +17,7 @@ import yaml
 
 from .attacks import describe_attack
 from .hub import DEFAULT_ORG, CheckpointError, check_checkpoint_folder, sha256_file, validate_hub_config
+from .objectives import TRAINING_OBJECTIVES
 
 __all__ = ["build_release", "upload_release", "metrics_from_report", "model_card"]
 
@@ -72,16 +73,30 @@ def training_summary(args: Dict[str, Any]) -> str:
     """How the weights were trained, in words, from the training output's args.json."""
     if not args:
         return "trained by a run that recorded no args.json"
-    eps = _eps_str(float(args.get("eps", 8 / 255)))
     adv = args.get("adv", "none")
-    how = {
-        "none": "trained naturally (no adversarial examples)",
-        "fgsm": f"adversarially trained with FGSM and a random start (L-inf eps {eps})",
-        "pgd": f"adversarially trained with PGD-{args.get('steps')} (L-inf eps {eps})",
-        "trades": f"trained with TRADES (PGD-{args.get('steps')}, L-inf eps {eps}, beta {args.get('trades_beta')})",
-    }.get(adv, f"trained with the {adv!r} objective")
+    if adv not in TRAINING_OBJECTIVES:
+        raise ValueError(f"args.json names the training objective {adv!r}, which this version of edl_timm does not "
+                         f"know (known: {', '.join(TRAINING_OBJECTIVES)}): publish with the version that trained it")
+    eps = float(args.get("eps", 8 / 255))
+    objective = TRAINING_OBJECTIVES[adv]
+    alpha = args.get("alpha")
+    alpha = objective.default_step(eps, args.get("steps", 10)) if alpha is None else float(alpha)
+    how = objective.card.format(eps=_eps_str(eps), alpha=_eps_str(alpha), steps=args.get("steps"),
+                                trades_beta=args.get("trades_beta"))
     length = f"{args['epochs']} epochs" if args.get("max_steps") is None else f"{args['max_steps']} steps"
-    return f"{how} for {length}"
+    lr = args.get("lr")
+    schedule = {
+        "triangle": f", the learning rate rising linearly from 0 to {lr} at the middle of the run and falling back to 0 "
+                    "at its end (fast-AT's cyclic schedule)",
+        "cosine": f", a cosine learning-rate schedule from {lr}",
+        "step": f", a learning rate of {lr} divided by 10 every third of the run",
+    }.get(args.get("schedule"), "") if lr is not None else ""
+    if schedule and args.get("schedule") != "triangle" and args.get("warmup_epochs"):
+        w = args["warmup_epochs"]
+        schedule += f" after a linear warm-up of {w:g} epoch{'' if w == 1 else 's'}"
+    if schedule and args.get("peak_momentum") is not None:
+        schedule += f", with the momentum moving from {args.get('momentum')} to {args['peak_momentum']} at the peak"
+    return f"{how} for {length}{schedule}"
 
 
 def model_description(architecture: str, model_args: Dict[str, Any]) -> str:
@@ -244,7 +259,7 @@ def build_release(
         "dataset": {"id": dataset_id, "note": note},
         "threat_model": dict(report["threat_model"]),
         "recipe": {k: args[k] for k in ("adv", "eps", "alpha", "steps", "epochs", "max_steps", "batch_size", "lr", "optimizer",
-                                        "schedule", "weight_decay", "elastic_from_epoch", "mixed_precision", "train_subset",
+                                        "momentum", "schedule", "warmup_epochs", "peak_momentum", "weight_decay", "elastic_from_epoch", "mixed_precision", "train_subset",
                                         "seed") if k in args} or {"note": "no args.json in the training output"},
         "metrics": metrics_from_report(report),
         "license": license,

@@ -21,14 +21,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attacks import Normalized, fgsm_rs, parse_eps, pgd, pgd_step_size, trades_adversary
+from .attacks import Normalized, parse_eps, pgd, pgd_step_size
 from .convert import EDL_ARG_NAMES, MODEL_MODES, SELECTION_ARG_NAMES, convert_with_args
 from .data import load_image_split, random_crop_flip
 from .layers import edl_layers, fit_step_sizes
+from .objectives import TRAINING_OBJECTIVES, objective_loss
 
 __all__ = ["TrainConfig", "train", "TrainingInputError", "ADV_OBJECTIVES"]
 
-ADV_OBJECTIVES = ("none", "pgd", "trades", "fgsm")
+ADV_OBJECTIVES = tuple(TRAINING_OBJECTIVES)  # the --adv choices (edl_timm.objectives has each one's definition)
+SCHEDULES = ("cosine", "step", "triangle")
 
 
 class TrainingInputError(ValueError):
@@ -85,8 +87,15 @@ class TrainConfig:
                           "is SGD with classical momentum", "optimisation", choices=["sgd", "momentum", "adamw"])
     momentum: float = _arg(0.9, "momentum", "optimisation", type=float)
     weight_decay: float = _arg(5e-4, "weight decay (not on norms, biases and beta)", "optimisation", type=float)
-    schedule: str = _arg("cosine", "lr schedule, per step", "optimisation", choices=["cosine", "step"])
-    warmup_epochs: float = _arg(0.0, "linear warm-up from a hundredth of the peak lr", "optimisation", type=float)
+    schedule: str = _arg("cosine", "lr schedule, per step: cosine or step (after --warmup-epochs), or triangle: linear "
+                         "from 0 to the peak lr at the run's middle and back to 0 at its end (fast-AT's cyclic schedule)",
+                         "optimisation", choices=list(SCHEDULES))
+    warmup_epochs: float = _arg(0.0, "linear warm-up from a hundredth of the peak lr, before cosine or step start at the "
+                                "peak (the triangle's rise is its own warm-up)", "optimisation", type=float)
+    peak_momentum: Optional[float] = _arg(None, "SGD momentum at the peak lr, moved linearly against the lr back to "
+                                          "--momentum at lr 0 (PyTorch CyclicLR's cycle_momentum; the fast-AT "
+                                          "reference: 0.8 with --momentum 0.9). None: --momentum throughout",
+                                          "optimisation", type=float)
     grad_clip: Optional[float] = _arg(None, "clip the gradient's norm", "optimisation", type=float)
     mixed_precision: str = _arg("no", "accelerate's autocast for training; bf16 on the CPU runs the fused EDL path in "
                                 "bfloat16. The per-epoch evaluation stays float32", "optimisation",
@@ -94,10 +103,10 @@ class TrainConfig:
     channels_last: bool = _arg(False, "train in NHWC; checkpoints and weights keep the usual layout", "optimisation")
     seed: int = _arg(0, "seed of initialisation, data order, augmentation and attack noise", "optimisation", type=int)
     # adversarial training
-    adv: str = _arg("none", "objective: natural, PGD-AT, TRADES or FGSM with random start", "adversarial",
-                    choices=list(ADV_OBJECTIVES))
+    adv: str = _arg("none", "training objective: " + "; ".join(f"{k}: {o.help}" for k, o in TRAINING_OBJECTIVES.items()),
+                    "adversarial", choices=list(ADV_OBJECTIVES))
     eps: float = _arg(8 / 255, "L-inf radius in [0, 1] pixels: 8/255, 0.0314 or 8", "adversarial", type=parse_eps)
-    alpha: Optional[float] = _arg(None, "attack step (default: 2.5 eps/steps; 1.25 eps for fgsm)", "adversarial",
+    alpha: Optional[float] = _arg(None, "attack step (default: the objective's, in --adv's help)", "adversarial",
                                   type=parse_eps)
     steps: int = _arg(10, "attack steps of pgd / trades", "adversarial", type=int)
     trades_beta: float = _arg(6.0, "TRADES' weight of the KL term", "adversarial", type=float)
@@ -214,25 +223,6 @@ def _set_edl_phase(model: nn.Module, elastic: bool) -> None:
         if m.mode in ("elastic", "vanilla"):
             m.set_mode("elastic" if elastic else "vanilla")
             m.beta_logit.requires_grad_(True)
-
-
-def _loss(cfg: TrainConfig, net: nn.Module, x: torch.Tensor, y: torch.Tensor, g: torch.Generator, loss_scale: float = 1.0):
-    """The training loss and the adversarial input; ``loss_scale`` scales the attacks' loss (float16)."""
-    alpha = cfg.alpha if cfg.alpha is not None else (1.25 * cfg.eps if cfg.adv == "fgsm" else pgd_step_size(cfg.eps, cfg.steps))
-    if cfg.adv == "none":
-        return F.cross_entropy(net(x), y), x
-    if cfg.adv == "fgsm":
-        x_adv = fgsm_rs(net, x, y, cfg.eps, alpha, generator=g, loss_scale=loss_scale)
-        return F.cross_entropy(net(x_adv), y), x_adv
-    if cfg.adv == "pgd":
-        x_adv = pgd(net, x, y, cfg.eps, alpha, cfg.steps, generator=g, loss_scale=loss_scale)
-        return F.cross_entropy(net(x_adv), y), x_adv
-    # TRADES (Zhang et al. 2019): natural loss + beta * KL(p(x) || p(x_adv)) = sum p(x) log(p(x) / p(x_adv)),
-    # averaged over the batch, as the reference code's KLDivLoss(log_softmax(f(x_adv)), softmax(f(x))) is
-    x_adv = trades_adversary(net, x, cfg.eps, alpha, cfg.steps, generator=g, loss_scale=loss_scale)
-    logits = net(x)
-    kl = F.kl_div(F.log_softmax(net(x_adv), 1), F.softmax(logits, 1), reduction="batchmean")
-    return F.cross_entropy(logits, y) + cfg.trades_beta * kl, x_adv
 
 
 def _attack_loss_scale(accelerator, cfg: TrainConfig) -> float:
@@ -394,6 +384,16 @@ def _checked_inputs(cfg: TrainConfig):
         raise TrainingInputError(f"--adv must be one of {ADV_OBJECTIVES}, got {cfg.adv!r}")
     if cfg.mixed_precision not in ("no", "bf16", "fp16"):
         raise TrainingInputError(f"--mixed-precision must be no, bf16 or fp16, got {cfg.mixed_precision!r}")
+    if cfg.schedule not in SCHEDULES:
+        raise TrainingInputError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    if cfg.schedule == "triangle" and cfg.warmup_epochs:
+        raise TrainingInputError("--schedule triangle rises from 0 over the first half of the run, its own warm-up: "
+                                 "drop --warmup-epochs")
+    if cfg.peak_momentum is not None:
+        if cfg.optimizer == "adamw":
+            raise TrainingInputError("--peak-momentum moves SGD's momentum; adamw has none: drop it or use --optimizer momentum")
+        if not 0 <= cfg.peak_momentum < 1:
+            raise TrainingInputError(f"--peak-momentum must be in [0, 1), got {cfg.peak_momentum}")
     train_x, train_y, names = _load_data(cfg, cfg.train_split, cfg.train_subset, cfg.seed)
     eval_x, eval_y, _ = _load_data(cfg, cfg.eval_split, cfg.eval_subset, 0)
     n_classes = _num_classes_of(train_y, names)
@@ -407,15 +407,56 @@ def _checked_inputs(cfg: TrainConfig):
 
 
 def _scheduler(cfg: TrainConfig, optimizer, total_steps: int, steps_per_epoch: int):
-    """timm's cosine or step schedule, stepped per optimizer step, with the linear warm-up."""
-    from timm.scheduler import CosineLRScheduler, StepLRScheduler
+    """timm's schedules, stepped per optimizer step (the lr of step t, counted from 0, is the
+    schedule's value at t). The warm-up is a prefix: cosine and step begin at the peak where it ends,
+    so no schedule jumps there (timm's default counts the cosine from step 0, under the warm-up).
 
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    if cfg.schedule == "cosine":
-        return CosineLRScheduler(optimizer, t_initial=max(total_steps, 1), warmup_t=warmup, warmup_lr_init=cfg.lr * 0.01,
-                                 t_in_epochs=False)
-    return StepLRScheduler(optimizer, decay_t=max(total_steps // 3, 1), decay_rate=0.1, warmup_t=warmup,
-                           warmup_lr_init=cfg.lr * 0.01, t_in_epochs=False)
+    ``triangle`` is fast-AT's cyclic schedule (Wong et al. 2020, PyTorch's ``CyclicLR`` with one
+    cycle): lr(t) = peak t / (T/2) up to the middle, peak (T - t) / (T/2) after it. timm has it as a
+    linear warm-up from 0 over half the run followed by its polynomial decay of power 1 to 0."""
+    from timm.scheduler import CosineLRScheduler, PolyLRScheduler, StepLRScheduler
+
+    total = max(total_steps, 1)
+    if cfg.schedule == "triangle":
+        rise = total / 2  # a float, as CyclicLR's step_size_up = lr_steps / 2: odd runs peak between steps
+        sched = PolyLRScheduler(optimizer, t_initial=total - rise, power=1.0, lr_min=0.0, warmup_t=rise, warmup_lr_init=0.0,
+                                warmup_prefix=True, t_in_epochs=False)
+    else:
+        warmup = int(cfg.warmup_epochs * steps_per_epoch)
+        common = dict(warmup_t=warmup, warmup_lr_init=cfg.lr * 0.01, warmup_prefix=True, t_in_epochs=False)
+        if cfg.schedule == "cosine":
+            sched = CosineLRScheduler(optimizer, t_initial=max(total - warmup, 1), **common)
+        else:
+            sched = StepLRScheduler(optimizer, decay_t=max((total - warmup) // 3, 1), decay_rate=0.1, **common)
+    if cfg.peak_momentum is None:
+        return sched
+    return _MomentumFollowsLR(sched, optimizer, cfg.lr, cfg.momentum, cfg.peak_momentum)
+
+
+class _MomentumFollowsLR:
+    """A timm lr scheduler that also sets each group's SGD momentum from the lr it just set:
+    ``momentum + (peak_momentum - momentum) * lr / peak_lr``, what ``CyclicLR(cycle_momentum=True)``
+    does. timm's schedulers move one param-group field and have no momentum cycle; the momentum is a
+    function of the lr, so the wrapped scheduler's state is all a checkpoint needs."""
+
+    def __init__(self, sched, optimizer, peak_lr: float, momentum: float, peak_momentum: float):
+        self.sched, self.optimizer = sched, optimizer
+        self.peak_lr, self.momentum, self.peak_momentum = peak_lr, momentum, peak_momentum
+        self._set_momentum()
+
+    def _set_momentum(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["momentum"] = self.momentum + (self.peak_momentum - self.momentum) * group["lr"] / self.peak_lr
+
+    def step_update(self, num_updates: int) -> None:
+        self.sched.step_update(num_updates=num_updates)
+        self._set_momentum()
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.sched.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.sched.load_state_dict(state)
 
 
 @dataclass
@@ -595,7 +636,9 @@ def _train_epoch(cfg: TrainConfig, job: _Job, run: _RunState, log: "_RunLog", ba
         y = job.train_y[idx].to(accelerator.device)
         gd = g if accelerator.device.type == "cpu" else torch.Generator(device=accelerator.device).manual_seed(g.initial_seed())
         with accelerator.accumulate(net):
-            loss, x_adv = _loss(cfg, net, x, y, gd, _attack_loss_scale(accelerator, cfg))
+            loss, _ = objective_loss(cfg.adv, net, x, y, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps,
+                                     trades_beta=cfg.trades_beta, generator=gd,
+                                     loss_scale=_attack_loss_scale(accelerator, cfg))
             accelerator.backward(loss)
             if cfg.grad_clip and accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(net.parameters(), cfg.grad_clip)

@@ -467,3 +467,19 @@ def test_offline_with_nothing_cached_loads_the_release_folder(release, hf_cache,
     (tmp_path / "releases" / "edl_resnet18.unit" / "model.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(hub.CheckpointError, match="truncated or corrupted"):
         timm.create_model("edl_resnet18", pretrained=True, **kwargs)
+
+
+def test_card_says_the_schedule_the_weights_were_trained_with():
+    from edl_timm.publish import training_summary
+
+    fast_at = {"adv": "fgsm", "eps": 8 / 255, "epochs": 15, "lr": 0.2, "schedule": "triangle", "momentum": 0.9,
+               "peak_momentum": 0.8}
+    assert training_summary(fast_at) == (
+        "adversarially trained with FGSM and a random start (L-inf eps 8/255) for 15 epochs, the learning rate rising "
+        "linearly from 0 to 0.2 at the middle of the run and falling back to 0 at its end (fast-AT's cyclic schedule), "
+        "with the momentum moving from 0.9 to 0.8 at the peak")
+    released = {"adv": "fgsm", "eps": 8 / 255, "epochs": 5, "lr": 0.1, "schedule": "cosine", "warmup_epochs": 1.0}
+    assert training_summary(released).endswith("for 5 epochs, a cosine learning-rate schedule from 0.1 after a linear "
+                                               "warm-up of 1 epoch")
+    assert training_summary(dict(released, schedule="step", warmup_epochs=0.5)).endswith(
+        "a learning rate of 0.1 divided by 10 every third of the run after a linear warm-up of 0.5 epochs")

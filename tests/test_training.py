@@ -16,7 +16,8 @@ from timm.models._hub import save_for_hf
 
 from edl_timm.attacks import Normalized, pgd_step_size
 from edl_timm.data import load_image_split
-from edl_timm.training import TrainConfig, TrainingInputError, _loss, train
+from edl_timm.objectives import objective_loss
+from edl_timm.training import TrainConfig, TrainingInputError, train
 
 from conftest import TINY
 
@@ -30,27 +31,28 @@ def batch(cifar_dir):
     return x.float() / 255, y
 
 
-@pytest.mark.parametrize("adv", ["none", "fgsm", pytest.param("pgd", marks=pytest.mark.slow),
+@pytest.mark.parametrize("adv", ["none", "fgsm", "nfgsm", pytest.param("pgd", marks=pytest.mark.slow),
                                  pytest.param("trades", marks=pytest.mark.slow)])
 def test_each_objective_lowers_its_loss(batch, adv):
     torch.manual_seed(0)
     x, y = batch
     model = timm.create_model("edl_resnet18", **TINY)
     net = Normalized(model, model.pretrained_cfg["mean"], model.pretrained_cfg["std"]).train()
-    cfg = TrainConfig(model="edl_resnet18", adv=adv, steps=3, eps=8 / 255)
+    eps = 8 / 255
     opt = torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9)
     losses = []
     for step in range(30):
         g = torch.Generator().manual_seed(step)
-        loss, x_adv = _loss(cfg, net, x, y, g)
+        loss, x_adv = objective_loss(adv, net, x, y, eps=eps, steps=3, generator=g)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        if adv != "none":  # the attack stays in the eps-ball and in [0, 1]
-            assert (x_adv - x).abs().max() <= cfg.eps + 1e-6
+        if adv != "none":
+            # the attack stays in the eps-ball (N-FGSM: its noise of 2 eps plus a step of eps) and in [0, 1]
+            assert (x_adv - x).abs().max() <= (3 if adv == "nfgsm" else 1) * eps + 1e-6
             assert x_adv.min() >= 0 and x_adv.max() <= 1
-            assert (x_adv - x).abs().max() > cfg.eps / 4  # and it moved
+            assert (x_adv - x).abs().max() > eps / 4  # and it moved
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.9 * first, (adv, losses)
 
@@ -88,8 +90,8 @@ def test_trades_ascends_the_kl_to_its_closed_form_maximum_and_its_loss_is_ce_plu
     nearest = ends.gather(0, (ends - got).abs().argmin(0, keepdim=True))[0]
     torch.testing.assert_close(got, nearest, rtol=1e-4, atol=1e-8)
     assert (got > 0.5 * ends.min(0).values).all()
-    cfg = TrainConfig(model="linear", adv="trades", eps=eps, steps=10, trades_beta=6.0)
-    loss, x_adv = _loss(cfg, net, x, y, torch.Generator().manual_seed(1))
+    loss, x_adv = objective_loss("trades", net, x, y, eps=eps, steps=10, trades_beta=6.0,
+                                 generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = torch.nn.functional.cross_entropy(net(x), y) + 6.0 * _kl(net(x), net(x_adv)).mean()
         reversed_kl = torch.nn.functional.cross_entropy(net(x), y) + 6.0 * _kl(net(x_adv), net(x)).mean()
@@ -404,10 +406,10 @@ def test_grad_clip_bounds_the_first_step_and_the_lr_follows_warmup_then_cosine(c
     lrs = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "sched" / "log.jsonl").read_text().splitlines()) if "lr" in r}
     total, warm = 40, 10
 
-    def expected(t):
+    def expected(t):  # the cosine starts at the peak where the warm-up ends: no jump
         if t < warm:
             return 0.002 + t * (0.2 - 0.002) / warm
-        return 0.5 * 0.2 * (1 + math.cos(math.pi * t / total))
+        return 0.5 * 0.2 * (1 + math.cos(math.pi * (t - warm) / (total - warm)))
 
     assert set(lrs) == {10, 20, 30, 40}
     for t, lr in lrs.items():
@@ -536,3 +538,72 @@ def test_training_compiled_through_accelerate_has_no_graph_break_and_matches_eag
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
     saved = lambda out: sorted(p.name for p in (out / "checkpoints" / "step_00000002").iterdir())  # noqa: E731
     assert saved(tmp_path / "compiled") == saved(tmp_path / "eager")
+
+
+@pytest.mark.parametrize("total", [40, 37])
+def test_triangle_schedule_is_fast_ats_cyclic_lr_at_every_step(total):
+    """lr(t) = peak (1 - |2 t / T - 1|) at every step t of a T-step run, T even and odd, and the momentum
+    moved against it from 0.9 to 0.8 at the peak: the closed form, and PyTorch's CyclicLR run with the
+    fast-AT reference's arguments (locuslab/fast_adversarial's train_fgsm.py) beside it."""
+    from edl_timm.training import _scheduler
+
+    def sgd():
+        return torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.2, momentum=0.9)
+
+    opt, ref_opt = sgd(), sgd()
+    cfg = TrainConfig(model="m", output_dir="o", schedule="triangle", lr=0.2, peak_momentum=0.8)
+    sched = _scheduler(cfg, opt, total, steps_per_epoch=10)
+    ref = torch.optim.lr_scheduler.CyclicLR(ref_opt, base_lr=0.0, max_lr=0.2, step_size_up=total / 2,
+                                            step_size_down=total / 2)
+    for t in range(total + 1):
+        lr, momentum = opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]
+        closed = 0.2 * (1 - abs(2 * t / total - 1))
+        assert lr == pytest.approx(closed, abs=1e-12), t
+        assert momentum == pytest.approx(0.9 - 0.1 * closed / 0.2, abs=1e-12), t
+        assert (lr, momentum) == (pytest.approx(ref_opt.param_groups[0]["lr"], abs=1e-12),
+                                  pytest.approx(ref_opt.param_groups[0]["momentum"], abs=1e-12)), t
+        sched.step_update(num_updates=t + 1)
+        ref_opt.step()
+        ref.step()
+    # without --peak-momentum the momentum stays where it was set
+    opt = sgd()
+    sched = _scheduler(TrainConfig(model="m", output_dir="o", schedule="triangle", lr=0.2), opt, total, 10)
+    sched.step_update(num_updates=total // 2)
+    assert opt.param_groups[0]["momentum"] == 0.9 and opt.param_groups[0]["lr"] == pytest.approx(0.2 * (total // 2) / (total / 2))
+
+
+def test_triangle_run_resumed_mid_schedule_continues_the_same_curve(cifar_dir, tmp_path):
+    """A triangle run resumed from its epoch-1 checkpoint logs the uninterrupted run's lr at every later
+    logged step and ends with its weights, bit for bit; args.json records the schedule."""
+    common = dict(model="edl_resnet18", model_kwargs=dict(TINY, mode="none"), dataset=str(cifar_dir), train_subset=320,
+                  eval_subset=16, batch_size=16, epochs=2, quiet=True, schedule="triangle", lr=0.2,
+                  optimizer="momentum", peak_momentum=0.8)
+    train(TrainConfig(output_dir=str(tmp_path / "full"), **common))
+
+    def lrs(run):
+        return {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / run / "log.jsonl").read_text().splitlines())
+                if "lr" in r}
+
+    full = lrs("full")
+    assert full == {t: pytest.approx(0.2 * (1 - abs(2 * t / 40 - 1)), abs=1e-12) for t in (10, 20, 30, 40)}
+    ckpt = tmp_path / "full" / "checkpoints" / "step_00000020"
+    train(TrainConfig(output_dir=str(tmp_path / "resumed"), resume=str(ckpt), **common))
+    assert lrs("resumed") == {t: full[t] for t in (30, 40)}
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    args = json.loads((tmp_path / "resumed" / "args.json").read_text())
+    assert (args["schedule"], args["peak_momentum"], args["optimizer"]) == ("triangle", 0.8, "momentum")
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(schedule="triangle", warmup_epochs=1.0), "drop --warmup-epochs"),
+    (dict(schedule="linear"), "--schedule must be one of cosine, step, triangle"),
+    (dict(peak_momentum=0.8, optimizer="adamw"), "adamw has none"),
+    (dict(peak_momentum=1.0), r"--peak-momentum must be in \[0, 1\)"),
+])
+def test_bad_schedule_arguments_fail_before_training(cifar_dir, tmp_path, override, message):
+    cfg = TrainConfig(model="edl_resnet18", model_kwargs=dict(TINY, mode="none"), dataset=str(cifar_dir),
+                      output_dir=str(tmp_path / "run"), quiet=True, **override)
+    with pytest.raises(TrainingInputError, match=message):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The fast-AT reference recipe (Wong et al. 2020, locuslab/fast_adversarial CIFAR10/train_fgsm.py,
+# RobustBench's Wong2020Fast) on edl_resnet18 and its plain twin, and the released 5-epoch recipe it
+# replaces, each run resumable.
+#
+#   fast-AT: FGSM with a random start (eps 8/255, alpha 10/255), batch 128, SGD with classical momentum,
+#            the triangle schedule (lr 0 -> 0.2 at the run's middle -> 0, per step) with momentum
+#            0.9 -> 0.8 -> 0.9 against it (the reference's CyclicLR cycles momentum by default),
+#            weight decay 5e-4, random crop and flip, 15 epochs (EPOCHS).
+#   nfgsm: the same, with N-FGSM (de Jorge et al. 2022: noise 2 eps, step eps, no clipping) as the attack.
+#   released: the fast-AT attack, Nesterov SGD, lr 0.1 with one warm-up epoch then cosine.
+#   Both: bfloat16 autocast in channels_last, seed 0, all 50,000 training images of the JPEG CIFAR-10
+#   copy, 500 held-out test images per epoch (clean and PGD-10).
+#
+# What differs from the reference, and why: the model is timm's ResNet-18 with the CIFAR stem (the
+# product's architecture) rather than a PreAct ResNet-18; 390 steps per epoch (the last partial batch
+# is dropped) instead of 391; weight decay skips norms and biases (timm's optimizer factory); bfloat16
+# autocast instead of apex O2 float16; no early stopping (the per-epoch PGD-10 is logged instead, to
+# catch catastrophic overfitting).
+#
+#     WIDTH=half|full EPOCHS=5 bash recipes/fast_at.sh RUN_ROOT VARIANT...
+#     VARIANT: twin_tri edl_tri twin_nfgsm edl_nfgsm twin_cos edl_cos (train),
+#              eval_<run> (clean, PGD-20 and APGD-CE with one restart, on the same seeded 1,000 test images)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=${1:?RUN_ROOT}; shift
+data=${CIFAR:-../shared/data/cifar10}
+case ${WIDTH:-full} in
+    half) width=("channels=(32,64,128,256)") ;;
+    full) width=() ;;
+    *) echo "WIDTH is half or full" >&2; exit 2 ;;
+esac
+common=(--dataset "$data" --eps 8/255 --batch-size 128 --weight-decay 5e-4
+        --epochs "${EPOCHS:-15}" --eval-subset 500 --mixed-precision bf16 --channels-last --seed 0
+        --checkpoint-every 100 --resume auto --quiet)
+triangle=(--schedule triangle --lr 0.2 --optimizer momentum --momentum 0.9 --peak-momentum 0.8)
+fast_at=(--adv fgsm --alpha 10/255 "${triangle[@]}")
+nfgsm=(--adv nfgsm "${triangle[@]}")  # N-FGSM's own step: alpha = eps, noise 2 eps
+released=(--adv fgsm --alpha 10/255 --schedule cosine --lr 0.1 --warmup-epochs 1 --optimizer sgd --momentum 0.9)
+
+train() {  # name recipe-array-name model-kwargs...
+    local name=$1 recipe=$2; shift 2
+    local -n r=$recipe
+    [ -f "$root/$name/metrics.json" ] && return 0  # written last: the run finished
+    python scripts/train.py --model edl_resnet18 --model-kwargs "${width[@]}" "$@" --output-dir "$root/$name" \
+        "${common[@]}" "${r[@]}"
+}
+
+evaluate() {  # name
+    local name=$1
+    [ -f "$root/$name/eval_report.json" ] && return 0
+    python scripts/evaluate.py --model "$root/$name" --dataset "$data" --n 1000 --autoattack custom \
+        --aa-attacks apgd-ce --aa-restarts 1 --output "$root/$name/eval_report.json" --quiet
+}
+
+mkdir -p "$root"
+for v in "$@"; do
+    echo "== $v $(date -u +%FT%TZ)"
+    case $v in
+        twin_tri) train twin_tri fast_at mode=none ;;
+        edl_tri)  train edl_tri fast_at num_iters=1 ;;
+        twin_cos) train twin_cos released mode=none ;;
+        twin_nfgsm) train twin_nfgsm nfgsm mode=none ;;
+        edl_nfgsm)  train edl_nfgsm nfgsm num_iters=1 ;;
+        edl_cos)  train edl_cos released num_iters=1 ;;
+        eval_*)   evaluate "${v#eval_}" ;;
+        *) echo "unknown variant $v" >&2; false ;;
+    esac || echo "!! $v failed"
+done
+echo "== done $(date -u +%FT%TZ)"
