@@ -536,3 +536,36 @@ def test_bf16_autocast_beta_gradient_matches_float32_eager_over_seeds(case, step
         theirs.append(abs(_autocast_grads(layer, x, g, False)["beta_logit"].item() - ref) / abs(ref))
     med, med_eager = sorted(mine)[len(mine) // 2], sorted(theirs)[len(theirs) // 2]
     assert med <= 3 * BF16_U**0.5 and med <= 2.5 * med_eager + BF16_U, (mine, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "linear"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_nan_and_inf_inputs_propagate_as_through_a_convolution(dtype, layout, bad, steps):
+    """One non-finite entry in sample 0: the fused and the eager path both give sample 0 the same
+    non-finite entries (a NaN must not come out of the ReLU as a finite 0), forward and backward, in
+    float32 and under bfloat16 autocast; sample 1 is untouched (its code and gradient are those of a
+    clean batch)."""
+    torch.manual_seed(0)
+    if layout == "linear":
+        layer, x = EDLLinear(12, 20, num_iters=steps).train(), torch.randn(2, 5, 12)
+        x[0, 2, 3] = bad
+    else:
+        layer, x = EDLConv2d(6, 8, 3, num_iters=steps).train(), torch.randn(2, 6, 9, 9)
+        x[0, 1, 4, 4] = bad
+        if layout == "nhwc":
+            x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(layer(x.nan_to_num(0.0)).float())
+
+    def run(xin, fused):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = grads(layer, xin, g, fused) if dtype == torch.float32 else _autocast_grads(layer, xin, g, fused)
+        return {k: out[k] for k in ("y", "x")}
+
+    fused, eager = run(x, True), run(x, False)
+    clean = run(torch.where(torch.isfinite(x), x, torch.zeros_like(x)), True)
+    for k in ("y", "x"):
+        assert not torch.isfinite(fused[k][0]).all(), k
+        assert torch.equal(torch.isfinite(fused[k]), torch.isfinite(eager[k])), k
+        assert torch.equal(fused[k][1], clean[k][1]), k

@@ -89,6 +89,11 @@ void KERNEL(edl_residual)(ACT *q, const ACT *x, const float *s, int64_t N, int64
     }
 }
 
+/* The ReLUs below test !(a <= 0) rather than a > 0: the same for every number, but a NaN passes
+   through as in torch.relu (and its backward, whose mask is out <= 0), so a NaN or inf input gives
+   non-finite codes, as a convolution's output would be, and not silently finite ones. The scale
+   multiplies the zeros too, as the eager path's z * s does (0 * inf is NaN). */
+
 /* Code update, in place: v = relu(m v + z - thr), where v holds the analysis A(p) with unit atoms
    and m the step size times the reweighting constant (z may be NULL: the first step); times s[n]
    when s is given (the last step rescales the code to the input's scale), plus bias[i] when
@@ -104,22 +109,22 @@ void KERNEL(edl_code)(ACT *v, const ACT *z, const float *s, int64_t N, int64_t G
         if (zb && bias) {
             for (int64_t i = c.lo; i < c.hi; ++i) {
                 const float a = m * LD(vb, i) + LD(zb, i) - thr;
-                vb[i] = ST((a > 0.f ? a * sc : 0.f) + bias[i]);
+                vb[i] = ST((!(a <= 0.f) ? a : 0.f) * sc + bias[i]);
             }
         } else if (zb) {
             for (int64_t i = c.lo; i < c.hi; ++i) {
                 const float a = m * LD(vb, i) + LD(zb, i) - thr;
-                vb[i] = ST(a > 0.f ? a * sc : 0.f);
+                vb[i] = ST((!(a <= 0.f) ? a : 0.f) * sc);
             }
         } else if (bias) {
             for (int64_t i = c.lo; i < c.hi; ++i) {
                 const float a = m * LD(vb, i) - thr;
-                vb[i] = ST((a > 0.f ? a * sc : 0.f) + bias[i]);
+                vb[i] = ST((!(a <= 0.f) ? a : 0.f) * sc + bias[i]);
             }
         } else {
             for (int64_t i = c.lo; i < c.hi; ++i) {
                 const float a = m * LD(vb, i) - thr;
-                vb[i] = ST(a > 0.f ? a * sc : 0.f);
+                vb[i] = ST((!(a <= 0.f) ? a : 0.f) * sc);
             }
         }
     }
@@ -146,14 +151,14 @@ void KERNEL(edl_out_grad)(const ACT *g, const ACT *out, const float *s, int64_t 
             for (int64_t i = c.lo; i < c.hi; ++i) {
                 const float gi = LD(gb, i), ci = LD(ob, i) - bias[i];
                 acc += gi * ci;
-                vb[i] = ST(ci > 0.f ? gi * sc : 0.f);
+                vb[i] = ST(!(ci <= 0.f) ? gi * sc : 0.f);
             }
         } else {
 #pragma omp simd reduction(+ : acc)
             for (int64_t i = c.lo; i < c.hi; ++i) {
                 const float gi = LD(gb, i), ci = LD(ob, i);
                 acc += gi * ci;
-                vb[i] = ST(ci > 0.f ? gi * sc : 0.f);
+                vb[i] = ST(!(ci <= 0.f) ? gi * sc : 0.f);
             }
         }
         if (part) part[it] = acc;
@@ -191,7 +196,7 @@ double KERNEL(edl_reweight_grad)(ACT *gp, const ACT *p, int64_t n, float w, floa
    value, what the previous analysis's backward takes. */
 void KERNEL(edl_mask_sub)(ACT *gz, const ACT *gv, const ACT *z, int64_t n, float m) {
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; ++i) gz[i] = ST(LD(z, i) > 0.f ? LD(gv, i) - m * LD(gz, i) : 0.f);
+    for (int64_t i = 0; i < n; ++i) gz[i] = ST(!(LD(z, i) <= 0.f) ? LD(gv, i) - m * LD(gz, i) : 0.f);
 }
 
 /* Pass 1 over values lo..hi of one sample; returns the lerp weight's share, *acc_d the dot.
