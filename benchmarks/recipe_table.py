@@ -1,4 +1,4 @@
-"""The recipe study's table (benchmarks/recipe_study.sh): one row per finished run, from its
+"""The recipe study's table (recipes/recipe_study.sh): one row per finished run, from its
 evaluation report and training record, as a Markdown table.
 
     python benchmarks/recipe_table.py runs/study

@@ -15,7 +15,7 @@
 # one random start) and APGD-CE, all float32. Finished runs are skipped and unfinished ones resume from
 # their last checkpoint, so the script can be started again after an interruption.
 #
-#     [EVAL_N=1000] bash benchmarks/recipe_study.sh [RUN_ROOT] [VARIANT ...]   # default runs/study, every variant
+#     [EVAL_N=1000] bash recipes/recipe_study.sh [RUN_ROOT] [VARIANT ...]   # default runs/study, every variant
 #     python benchmarks/recipe_table.py runs/study                   # the table (docs/results.md)
 set -uo pipefail
 cd "$(dirname "$0")/.."

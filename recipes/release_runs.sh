@@ -21,9 +21,9 @@
 # existing report is not recomputed (an interrupted evaluation goes on from its eval_report.progress.json),
 # an existing release folder is not overwritten.
 #
-#     [EPOCHS=5] bash benchmarks/release_runs.sh [RUN_ROOT] [edl|twin ...]    # default runs/release, both
-#     [ATTACKS="apgd-ce apgd-t"] [AUDIT=1] bash benchmarks/release_runs.sh [RUN_ROOT] eval_edl|eval_twin
-#     [NOTES="..."] bash benchmarks/release_runs.sh [RUN_ROOT] release_edl|release_twin
+#     [EPOCHS=5] bash recipes/release_runs.sh [RUN_ROOT] [edl|twin ...]    # default runs/release, both
+#     [ATTACKS="apgd-ce apgd-t"] [AUDIT=1] bash recipes/release_runs.sh [RUN_ROOT] eval_edl|eval_twin
+#     [NOTES="..."] bash recipes/release_runs.sh [RUN_ROOT] release_edl|release_twin
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=${1:-runs/release}
@@ -52,7 +52,7 @@ evaluate() {  # name [extra evaluate.py flags]
 release() {  # name tag [--default]
     local name=$1 tag=$2; shift 2
     python scripts/push_to_hub.py --train-dir "$root/$name" --eval-report "$root/$name/eval_report.json" --tag "$tag" \
-        --dataset-id uoft-cs/cifar10 --dry-run --output-dir "releases/edl_resnet18.$tag" ${NOTES:+--notes "$NOTES"} "$@"
+        --dataset-id uoft-cs/cifar10 --dry-run --output-dir "releases/edl_resnet18.$tag" --hub-configs-dir hub_configs ${NOTES:+--notes "$NOTES"} "$@"
 }
 
 variants=("$@")
