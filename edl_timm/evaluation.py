@@ -266,7 +266,8 @@ class Progress:
 
 
 def fingerprint(*items: Any) -> str:
-    """sha256 of tensors (their dtype, shape and bytes) and of modules' state dicts, in order."""
+    """sha256 of tensors (their dtype, shape and bytes) and of modules (their repr, normalisation and state
+    dict), in order."""
     h = hashlib.sha256()
 
     def add(t: torch.Tensor):
@@ -276,6 +277,10 @@ def fingerprint(*items: Any) -> str:
 
     for item in items:
         if isinstance(item, nn.Module):
+            # the settings a state dict does not hold (an EDL layer's num_iters, mode, lam, ...) are in
+            # its repr; the normalisation a timm model is evaluated with is in its pretrained config
+            cfg = getattr(item, "pretrained_cfg", None) or {}
+            h.update(f"{item!r}|{cfg.get('mean')}|{cfg.get('std')}".encode())
             for name, t in item.state_dict().items():
                 h.update(name.encode())
                 add(t)

@@ -227,10 +227,16 @@ def build_release(
     dataset_id: Optional[str] = None,
     dataset_note: Optional[str] = None,
     notes: str = "",
+    replace_hub_config: bool = False,
 ) -> Dict[str, Any]:
     """Write the Hub-ready folder ``output_dir`` (model.safetensors, config.json, README.md,
-    eval_report.json) and the ``hub_configs`` file; returns the hub config."""
+    eval_report.json) and the ``hub_configs`` file (into ``hub_configs_dir``, or, without it, into
+    the release folder); returns the hub config. Nothing is written when any check fails: an
+    existing release folder is refused, and an existing hub config of the same architecture and tag
+    is replaced only with ``replace_hub_config``."""
     train_dir, output_dir = Path(train_dir), Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise FileExistsError(f"{output_dir} is not an empty folder: choose a new --output-dir (nothing was overwritten)")
     config = check_checkpoint_folder(train_dir)
     weights = train_dir / "model.safetensors"
     if not weights.exists():
@@ -269,9 +275,11 @@ def build_release(
     for key, value in (("images_per_s", done.get("images_per_s")), ("train_hours", done.get("train_seconds"))):
         if value is not None and "note" not in cfg["recipe"]:
             cfg["recipe"][key] = round(value / 3600, 2) if key == "train_hours" else round(value, 1)
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise FileExistsError(f"{output_dir} is not empty: choose a new --output-dir (nothing was overwritten)")
     cfg_name = f"{arch}.{tag}.yaml"
+    if hub_configs_dir and (Path(hub_configs_dir) / cfg_name).exists() and not replace_hub_config:
+        raise FileExistsError(
+            f"{Path(hub_configs_dir) / cfg_name} exists: the tag {tag!r} is already published. Choose another --tag, or "
+            "pass --replace-hub-config to replace its hub config (nothing was written)")
     validate_hub_config(dict(cfg), Path(hub_configs_dir or output_dir) / cfg_name)  # as the shipped files are
     header = f"# written by scripts/push_to_hub.py on {datetime.date.today().isoformat()}\n"
     cfg_text = header + yaml.safe_dump(cfg, sort_keys=False)

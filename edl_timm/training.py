@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -117,6 +118,8 @@ class TrainConfig:
     checkpoint_every: Optional[int] = _arg(None, "also checkpoint every N steps (always at each epoch)", "output", type=int)
     keep_checkpoints: int = _arg(2, "checkpoints kept", "output", type=int)
     resume: Optional[str] = _arg(None, "a checkpoint folder, or 'auto' for the latest in --output-dir", "output")
+    overwrite: bool = _arg(False, "start over in an --output-dir that holds a finished or unfinished run (its "
+                           "weights, checkpoints and logs are deleted first); without it such a folder is refused", "output")
     log_with: Optional[str] = _arg(None, "an accelerate tracker, e.g. tensorboard", "output")
     quiet: bool = _arg(False, "no progress bar or final print", "output")
 
@@ -140,11 +143,23 @@ def _build_model(cfg: TrainConfig, n_classes_data: int):
     if cfg.num_classes is not None:
         kwargs["num_classes"] = cfg.num_classes
     is_checkpoint = os.path.isdir(name) or name.startswith(("hf-hub:", "local-dir:"))
-    if cfg.pretrained or is_checkpoint:
-        model = create_model(name, pretrained=True, require_edl=False, **kwargs)
-    else:
-        kwargs.setdefault("num_classes", n_classes_data)
-        model = timm.create_model(name, pretrained=False, **kwargs)
+    try:
+        if cfg.pretrained or is_checkpoint:
+            model = create_model(name, pretrained=True, require_edl=False, **kwargs)
+        else:
+            kwargs.setdefault("num_classes", n_classes_data)
+            model = timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as e:
+        match = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if not match:
+            raise
+        known = list(EDL_ARG_NAMES) + list(SELECTION_ARG_NAMES) + ["mode"]
+        close = difflib.get_close_matches(match.group(1), known, n=1)
+        raise TrainingInputError(
+            f"--model-kwargs: {base} takes no argument {match.group(1)!r}"
+            + (f"; did you mean {close[0]!r}?" if close else "")
+            + f" (the EDL arguments are {', '.join(known)}; the rest are the timm model's own)"
+        ) from None
     if model.num_classes != n_classes_data and cfg.num_classes is None:
         raise TrainingInputError(
             f"the model's head has {model.num_classes} classes but the data set has {n_classes_data}: "
@@ -378,8 +393,83 @@ def _params_checksum(model: nn.Module) -> torch.Tensor:
         return torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
 
 
+# what a run writes into its --output-dir (and --overwrite deletes): nothing else there is touched
+_RUN_FILES = ("model.safetensors", "config.json", "args.json", "metrics.json", "log.jsonl", "checkpoints", ".final_tmp")
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    """Each numeric option in its range, named by its flag: a bad one fails in a sentence before
+    anything is loaded, not in a traceback hours later (or never, as a run that trained nothing)."""
+    def need(ok: bool, flag: str, value, what: str) -> None:
+        if not ok:
+            raise TrainingInputError(f"--{flag} must be {what}, got {value}")
+
+    need(cfg.epochs >= 1, "epochs", cfg.epochs, "at least 1 (a run of 0 epochs trains nothing)")
+    need(cfg.max_steps is None or cfg.max_steps >= 1, "max-steps", cfg.max_steps, "at least 1")
+    need(cfg.batch_size >= 1, "batch-size", cfg.batch_size, "at least 1")
+    need(cfg.grad_accum >= 1, "grad-accum", cfg.grad_accum, "at least 1")
+    need(cfg.lr >= 0 and cfg.lr == cfg.lr, "lr", cfg.lr, "0 or more")
+    need(0 <= cfg.momentum < 1, "momentum", cfg.momentum, "in [0, 1)")
+    need(cfg.weight_decay >= 0, "weight-decay", cfg.weight_decay, "0 or more")
+    need(cfg.warmup_epochs >= 0, "warmup-epochs", cfg.warmup_epochs, "0 or more")
+    need(cfg.grad_clip is None or cfg.grad_clip > 0, "grad-clip", cfg.grad_clip, "above 0")
+    need(cfg.train_subset is None or cfg.train_subset >= 1, "train-subset", cfg.train_subset, "at least 1")
+    need(cfg.eval_subset is None or cfg.eval_subset >= 1, "eval-subset", cfg.eval_subset, "at least 1")
+    need(cfg.num_classes is None or cfg.num_classes >= 1, "num-classes", cfg.num_classes, "at least 1")
+    need(cfg.num_workers >= 0, "num-workers", cfg.num_workers, "0 or more")
+    need(cfg.checkpoint_every is None or cfg.checkpoint_every >= 1, "checkpoint-every", cfg.checkpoint_every, "at least 1")
+    need(cfg.keep_checkpoints >= 1, "keep-checkpoints", cfg.keep_checkpoints, "at least 1")
+    need(cfg.elastic_from_epoch >= 0, "elastic-from-epoch", cfg.elastic_from_epoch, "0 or more")
+    need(cfg.eval_pgd_steps >= 0, "eval-pgd-steps", cfg.eval_pgd_steps, "0 or more")
+    # eps is in [0, 1] pixels; parse_eps reads "8" as 8/255, so "--eps 300" arrives as 1.18
+    need(0 < cfg.eps < 1, "eps", f"{cfg.eps:g}", "in (0, 1) pixels, e.g. 8/255 (a value above 1 is read as x/255)")
+    need(cfg.alpha is None or 0 < cfg.alpha < 1, "alpha", cfg.alpha, "in (0, 1) pixels, e.g. 2/255")
+    if cfg.adv in ("pgd", "trades"):
+        need(cfg.steps >= 1, "steps", cfg.steps, f"at least 1 for --adv {cfg.adv}")
+    need(cfg.trades_beta >= 0, "trades-beta", cfg.trades_beta, "0 or more")
+
+
+def _check_output_dir(cfg: TrainConfig) -> None:
+    """Never overwrite what this job did not make: a folder holding a finished run is refused
+    unless --overwrite; an unfinished run is continued with --resume or replaced with --overwrite;
+    a folder with other files and no run is refused. (timm's train.py makes a fresh folder per
+    run; here the user names the folder, which evaluate.py and push_to_hub.py take, so a run already
+    in it is refused instead.) --overwrite deletes only the files a run writes (``_RUN_FILES``)."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise TrainingInputError(f"--output-dir {out} is a file, not a folder: choose another --output-dir")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    ours = [name for name in _RUN_FILES if (out / name).exists()]
+    if not ours:
+        raise TrainingInputError(f"--output-dir {out} is not empty and holds no training run: choose a new or empty "
+                                 "folder (nothing there was changed)")
+    finished = (out / "metrics.json").exists()
+    if cfg.overwrite:
+        if cfg.resume:
+            raise TrainingInputError("--overwrite starts the run over; --resume continues it: pass one of them")
+        return
+    if finished:
+        raise TrainingInputError(f"--output-dir {out} holds a finished run (metrics.json): choose another --output-dir, "
+                                 "or pass --overwrite to delete it and train again")
+    if not cfg.resume:
+        raise TrainingInputError(f"--output-dir {out} holds an unfinished run: pass --resume auto to continue it, or "
+                                 "--overwrite to delete it and start over")
+
+
+def _clear_run(out: Path) -> None:
+    for name in _RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def _checked_inputs(cfg: TrainConfig):
     """Validate the options and load both splits: (train x, y, eval x, y, number of classes)."""
+    _check_numbers(cfg)
+    _check_output_dir(cfg)
     if cfg.adv not in ADV_OBJECTIVES:
         raise TrainingInputError(f"--adv must be one of {ADV_OBJECTIVES}, got {cfg.adv!r}")
     if cfg.mixed_precision not in ("no", "bf16", "fp16"):
@@ -487,8 +577,14 @@ def _resume(cfg: TrainConfig, accelerator, output_dir: Path) -> _RunState:
             raise TrainingInputError(f"no complete checkpoint to resume from at {ckpt}")
     if ckpt is None:
         return _RunState()
-    accelerator.load_state(str(ckpt))
-    state = json.loads((ckpt / "trainer_state.json").read_text())
+    try:
+        accelerator.load_state(str(ckpt))
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+    except Exception as e:  # safetensors, torch.load and json each raise their own types on a damaged file
+        raise TrainingInputError(
+            f"checkpoint {ckpt} cannot be loaded ({type(e).__name__}: {e}): a file in it is truncated or corrupt. "
+            "Delete that folder to resume from the checkpoint before it, or pass --overwrite to start over"
+        ) from e
     known = {f.name for f in dataclasses.fields(_RunState)}
     return _RunState(**{k: v for k, v in state.items() if k in known})
 
@@ -604,6 +700,8 @@ def _start(cfg: TrainConfig, job: _Job) -> Tuple[_RunState, "_RunLog"]:
     run = _resume(cfg, accelerator, job.output_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if cfg.overwrite:
+            _clear_run(job.output_dir)
         job.output_dir.mkdir(parents=True, exist_ok=True)
         # until this run's final save, the folder holds no finished run's output
         (job.output_dir / "metrics.json").unlink(missing_ok=True)

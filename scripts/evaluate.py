@@ -69,6 +69,44 @@ def count_or_all(value):
     return n
 
 
+def check_arguments(p: argparse.ArgumentParser, args) -> None:
+    """Every option in its range before anything is loaded or written (argparse's error: usage, the
+    message, exit 2)."""
+    if args.autoattack == "custom" and not args.aa_attacks:
+        p.error("--autoattack custom needs --aa-attacks")
+    if args.aa_restarts is not None and args.aa_restarts < 1:
+        p.error(f"--aa-restarts: APGD needs at least one restart, got {args.aa_restarts}")
+    for flag, value, low in (("--n", args.n, 1), ("--batch-size", args.batch_size, 1), ("--steps", args.steps, 1),
+                             ("--restarts", args.restarts, 1)):
+        if value < low:
+            p.error(f"{flag} must be at least {low}, got {value}")
+    # parse_eps reads a value above 1 as x/255, so "--eps 300" arrives as 1.18: more than the pixel range
+    if not args.eps > 0 or (args.norm == "Linf" and args.eps >= 1):
+        p.error(f"--eps must be above 0{' and below 1' if args.norm == 'Linf' else ''} in [0, 1] pixels "
+                f"(e.g. 8/255; a value above 1 is read as x/255), got {args.eps:g}")
+    if args.step_size is not None and not args.step_size > 0:
+        p.error(f"--step-size must be above 0, got {args.step_size:g}")
+
+
+def check_output(out: Path, weights_sha256) -> None:
+    """A report is replaced only by a report of the same weights: an existing --output that is not
+    an evaluation report, or is one of other weights, is refused (nothing was written)."""
+    if not out.exists():
+        return
+    try:
+        old = json.loads(out.read_text())
+        is_report = isinstance(old, dict) and old.get("schema") == "edl-timm/eval-report/1"
+    except (ValueError, UnicodeDecodeError, IsADirectoryError):
+        is_report = False
+    if not is_report:
+        raise ValueError(f"--output {out} exists and is not an evaluation report: choose another --output "
+                         "(nothing was written)")
+    theirs = old.get("model", {}).get("weights_sha256")
+    if theirs != weights_sha256:
+        raise ValueError(f"--output {out} is the report of other weights (sha256 {theirs}, these are {weights_sha256}): "
+                         "choose another --output, or delete it to replace it")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="arch.tag, hf-hub:org/name, local-dir:/path or a training output folder")
@@ -96,10 +134,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    if args.autoattack == "custom" and not args.aa_attacks:
-        p.error("--autoattack custom needs --aa-attacks")
-    if args.aa_restarts is not None and args.aa_restarts < 1:
-        p.error(f"--aa-restarts: APGD needs at least one restart, got {args.aa_restarts}")
+    check_arguments(p, args)
     if torch.device(args.device).type == "cpu":
         keep_freed_memory()  # page reuse: 5-10% of a CPU step for EDL models (edl_timm/cpu.py)
     try:
@@ -107,6 +142,19 @@ def main(argv=None):
         surrogate = load(args.surrogate, False, args.device) if args.surrogate else None
         x, y = load_image_split(args.dataset, args.split, None, args.image_column, args.label_column)
     except (CheckpointError, WeightsUnavailableError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    classes = getattr(model, "num_classes", None)
+    if classes and len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
+        print(f"error: labels of split {args.split!r} range over [{int(y.min())}, {int(y.max())}] but the model has "
+              f"{classes} classes: check --label-column, --dataset and --model", file=sys.stderr)
+        return 2
+    out = Path(args.output) if args.output else (Path(args.model) if os.path.isdir(args.model) else Path(".")) / "eval_report.json"
+    wf = weights_file(model, args.model)
+    weights_sha256 = sha256_file(wf) if wf and wf.exists() else None
+    try:
+        check_output(out, weights_sha256)
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # the whole split's labels decide how the subset is chosen, and the report says which way
@@ -117,9 +165,7 @@ def main(argv=None):
         clean_set = (x[picked], y[picked], describe_subset(y, args.clean_n, args.seed))
     keep = select_subset(y, args.n, args.seed)
     x, y = x[keep], y[keep]
-    out = Path(args.output) if args.output else (Path(args.model) if os.path.isdir(args.model) else Path(".")) / "eval_report.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    wf = weights_file(model, args.model)
     progress = out.with_name(out.stem + ".progress.json")
     try:
         report = evaluate(
@@ -129,7 +175,7 @@ def main(argv=None):
             plot_path=str(out.with_suffix(".eps_sweep.png")) if args.audit else None, batch_size=args.batch_size, seed=args.seed,
             verbose=not args.quiet,
             data={"dataset": args.dataset, "split": args.split, "selection": selection, "note": dataset_note(args.dataset)},
-            weights_sha256=sha256_file(wf) if wf and wf.exists() else None, clean_set=clean_set, progress_path=str(progress),
+            weights_sha256=weights_sha256, clean_set=clean_set, progress_path=str(progress),
             autoattack_restarts=args.aa_restarts,
         )
     except ProgressMismatchError as e:

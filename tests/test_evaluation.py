@@ -343,3 +343,82 @@ def test_apgd_restarts_are_set_run_and_named(monkeypatch):
     assert describe_attack("autoattack", custom) == "AutoAttack custom (apgd-ce)"  # reports made before the setting
     assert describe_attack("autoattack", dict(custom, apgd_restarts=1)) == "AutoAttack custom (apgd-ce), APGD with 1 restart(s)"
     assert describe_attack("autoattack", {"version": "standard", "apgd_restarts": 1}) == "AutoAttack standard"
+
+
+def _identity_case(change):
+    """_evaluate_small's arguments with one input changed (``change`` names it)."""
+    model, x, y = small_mlp_problem()
+    kw = dict(source="mlp", eps=0.02, autoattack="custom", autoattack_attacks=["apgd-ce", "apgd-t"], pgd_steps=5,
+              batch_size=16, do_audit=True, surrogate=small_mlp_problem(seed=1)[0], surrogate_name="other",
+              eps_sweep=[0.0, 0.02, 0.5], data={"dataset": "synthetic", "split": "test", "selection": "all"})
+    if change == "images":
+        x = x.clone()
+        x[3, 0, 1, 1] = 1 - x[3, 0, 1, 1]
+    elif change == "labels":
+        y = y.clone()
+        y[5] = (y[5] + 1) % 10
+    elif change == "clean_images":
+        kw["clean_set"] = (x[:40], y[:40], "the first 40")
+    elif change == "normalisation":
+        model.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (1.0, 1.0, 1.0)}
+    elif change == "surrogate":
+        kw["surrogate"] = small_mlp_problem(seed=2)[0]
+    else:
+        kw.update({"pgd_steps": dict(pgd_steps=6), "step_size": dict(pgd_step_size=0.005), "restarts": dict(restarts=2),
+                   "aa_version": dict(autoattack="standard", autoattack_attacks=None),
+                   "aa_attacks": dict(autoattack_attacks=["apgd-ce"]), "aa_restarts": dict(autoattack_restarts=2),
+                   "norm": dict(norm="L2"), "eps_sweep": dict(eps_sweep=[0.0, 0.02]), "batch_size": dict(batch_size=8),
+                   "seed": dict(seed=1), "none": {}}[change])
+    return model, x, y, kw
+
+
+@pytest.mark.parametrize("change, key", [
+    ("images", "clean_images, images"), ("labels", "clean_images, images"), ("clean_images", "clean_images"), ("normalisation", "model"),
+    ("surrogate", "surrogate"), ("pgd_steps", "pgd"), ("step_size", "pgd"), ("restarts", "pgd"),
+    ("aa_version", "autoattack"), ("aa_attacks", "autoattack"), ("aa_restarts", "autoattack"), ("norm", "norm"),
+    ("eps_sweep", "eps_sweep"), ("batch_size", "batch_size"), ("seed", "seed"),
+])
+def test_a_stored_measurement_is_reused_only_when_every_input_is_the_same(tmp_path, change, key, stored_progress):
+    """One input changed, the rest kept: the progress file is refused, naming exactly that input
+    (a change that slipped through would reuse another evaluation's figures). Without a clean set
+    the clean accuracy is measured on the attacked images, so changing those changes both."""
+    path = tmp_path / "r.progress.json"
+    path.write_bytes(stored_progress)
+    model, x, y, kw = _identity_case(change)
+    with pytest.raises(ProgressMismatchError, match=rf"differs in: {key}\)"):
+        evaluate(model, x, y, progress_path=str(path), **kw)
+    assert path.read_bytes() == stored_progress
+
+
+@pytest.fixture(scope="module")
+def stored_progress(tmp_path_factory):
+    """The progress file of _evaluate_small, every measurement made."""
+    path = tmp_path_factory.mktemp("progress") / "r.progress.json"
+    _evaluate_small(str(path))
+    return path.read_bytes()
+
+
+def test_the_same_inputs_take_the_stored_measurements(tmp_path, stored_progress, monkeypatch):
+    import edl_timm.evaluation as ev
+
+    path = tmp_path / "r.progress.json"
+    path.write_bytes(stored_progress)
+    monkeypatch.setattr(ev, "pgd_accuracy", lambda *a, **k: pytest.fail("a stored PGD measurement was made again"))
+    monkeypatch.setattr(ev, "_run_autoattack", lambda *a, **k: pytest.fail("a stored AutoAttack batch was run again"))
+    model, x, y, kw = _identity_case("none")
+    evaluate(model, x, y, progress_path=str(path), **kw)
+
+
+def test_an_edl_models_solver_settings_are_part_of_its_identity(tmp_path):
+    """num_iters is not in the state dict: the same weights at T = 2 are another model."""
+    from edl_timm import EDLLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), EDLLinear(48, 10, num_iters=1)).eval()
+    model.pretrained_cfg = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    x, y = torch.rand(16, 3, 4, 4), torch.randint(0, 10, (16,))
+    path = tmp_path / "r.progress.json"
+    evaluate(model, x, y, source="edl", eps=0.02, pgd_steps=2, autoattack=None, progress_path=str(path))
+    model[1].num_iters = 2
+    with pytest.raises(ProgressMismatchError, match=r"differs in: model\)"):
+        evaluate(model, x, y, source="edl", eps=0.02, pgd_steps=2, autoattack=None, progress_path=str(path))
