@@ -129,7 +129,7 @@ class TrainConfig:
 def _build_model(cfg: TrainConfig, n_classes_data: int):
     import timm
 
-    from .hub import create_model
+    from .hub import CheckpointError, WeightsUnavailableError, create_model
 
     name = cfg.model
     base = name.split(":", 1)[1] if ":" in name and name.split(":", 1)[0] in ("hf-hub", "local-dir") else name
@@ -149,6 +149,8 @@ def _build_model(cfg: TrainConfig, n_classes_data: int):
         else:
             kwargs.setdefault("num_classes", n_classes_data)
             model = timm.create_model(name, pretrained=False, **kwargs)
+    except (CheckpointError, WeightsUnavailableError) as e:  # a damaged folder, no weights offline: a sentence
+        raise TrainingInputError(str(e)) from None
     except TypeError as e:
         match = re.search(r"unexpected keyword argument '(\w+)'", str(e))
         if not match:

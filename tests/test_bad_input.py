@@ -187,3 +187,15 @@ def test_push_to_hub_dry_run_never_rewrites_a_published_tag_or_the_checkout(tmp_
     res = run("push_to_hub.py", *common, "--output-dir", tmp_path / "rel3", "--eval-report", ROOT / "README.md")
     assert res.returncode == 2 and "is not an evaluation report of scripts/evaluate.py" in res.stderr
     assert not (tmp_path / "rel3").exists()
+
+
+def test_a_checkpoint_with_a_broken_config_is_named_by_train_and_evaluate(cifar_dir, tmp_path, finished):
+    model = tmp_path / "model"
+    shutil.copytree(finished, model)
+    (model / "config.json").write_text('{"architecture": "edl_resnet18",')
+    before = tree(model)
+    for res in (run("train.py", *train_args(cifar_dir, tmp_path / "out"), "--model", model),
+                run("evaluate.py", "--model", model, "--dataset", cifar_dir, "--n", "8", "--autoattack", "none")):
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert f"{model / 'config.json'} is not valid JSON" in res.stderr and "Traceback" not in res.stderr
+    assert tree(model) == before and not (tmp_path / "out").exists()
