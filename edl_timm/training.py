@@ -410,7 +410,7 @@ def _check_numbers(cfg: TrainConfig) -> None:
     need(cfg.max_steps is None or cfg.max_steps >= 1, "max-steps", cfg.max_steps, "at least 1")
     need(cfg.batch_size >= 1, "batch-size", cfg.batch_size, "at least 1")
     need(cfg.grad_accum >= 1, "grad-accum", cfg.grad_accum, "at least 1")
-    need(cfg.lr >= 0 and cfg.lr == cfg.lr, "lr", cfg.lr, "0 or more")
+    need(cfg.lr >= 0, "lr", cfg.lr, "0 or more")  # NaN fails every comparison: refused too
     need(0 <= cfg.momentum < 1, "momentum", cfg.momentum, "in [0, 1)")
     need(cfg.weight_decay >= 0, "weight-decay", cfg.weight_decay, "0 or more")
     need(cfg.warmup_epochs >= 0, "warmup-epochs", cfg.warmup_epochs, "0 or more")
