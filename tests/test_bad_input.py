@@ -22,6 +22,17 @@ def run(script, *args):
                           text=True, env=env, timeout=900)
 
 
+def script(name: str):
+    """scripts/<name> as a module, to call its main in this process (the same code as the command,
+    without starting Python and importing torch once per case)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name[:-3] + "_cli", ROOT / "scripts" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tree(path: Path):
     """Every file and folder under path with its bytes: what 'nothing changed' compares."""
     return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None) for p in sorted(path.rglob("*"))}
@@ -54,14 +65,14 @@ def finished(cifar_dir, tmp_path_factory):
     (["--adv", "pgd", "--steps", "0"], "--steps must be at least 1 for --adv pgd, got 0"),
     (["--model-kwargs", "num_iter=2"], "--model-kwargs: edl_resnet18 takes no argument 'num_iter'; did you mean 'num_iters'?"),
 ])
-def test_train_refuses_bad_numbers_and_arguments_before_anything_is_built(cifar_dir, tmp_path, extra, message):
+def test_train_refuses_bad_numbers_and_arguments_before_anything_is_built(cifar_dir, tmp_path, extra, message, capsys):
+    cli = script("train.py")
     args = train_args(cifar_dir, tmp_path / "out")
     if extra[0] == "--model-kwargs":  # replaces the tiny model's kwargs
         args[args.index("--model-kwargs") + 1:args.index("--model-kwargs") + 3] = []
-    res = run("train.py", *args, *extra)
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert message in res.stderr, res.stderr[-2000:]
-    assert "Traceback" not in res.stderr
+    assert cli.main([*map(str, args), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err[-2000:]
     assert not (tmp_path / "out").exists()
 
 
@@ -123,10 +134,12 @@ def test_a_truncated_checkpoint_is_named_with_what_to_do(cifar_dir, tmp_path, fi
     (["--steps", "0"], "--steps must be at least 1, got 0"),
     (["--step-size", "0"], "--step-size must be above 0, got 0"),
 ])
-def test_evaluate_refuses_bad_numbers_before_it_loads_or_writes(cifar_dir, finished, extra, message):
+def test_evaluate_refuses_bad_numbers_before_it_loads_or_writes(cifar_dir, finished, extra, message, capsys):
     before = tree(finished)
-    res = run("evaluate.py", "--model", finished, "--dataset", cifar_dir, "--autoattack", "none", *extra)
-    assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
+    with pytest.raises(SystemExit) as exit_:  # argparse's error: the usage, the message, exit 2
+        script("evaluate.py").main(["--model", str(finished), "--dataset", str(cifar_dir), "--autoattack", "none", *extra])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err, err[-2000:]
     assert tree(finished) == before  # no progress file, no report
 
 
