@@ -25,7 +25,6 @@ Packing: per model, the weights in parts of at most --part-mib MiB and one tar o
 overwrite an existing release or hub config.
 """
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -37,6 +36,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout: the package need not be installed
+
+from edl_timm.hub import sha256_file  # noqa: E402
+
 PART_SUFFIX = ".part"
 
 
@@ -126,14 +129,6 @@ def release(name, arch, tag, work, notes, default, timeout):
     return folder
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def pack(folder: Path, run_dir: Path, out: Path, part_mib: float) -> list:
     """<release>.tar (everything but the weights, plus the run's log and metrics and a manifest) and
     <release>.safetensors.part<k>: returns the files written."""
@@ -147,7 +142,7 @@ def pack(folder: Path, run_dir: Path, out: Path, part_mib: float) -> list:
             p.write_bytes(chunk)
             parts.append(p)
             k += 1
-    manifest = {"release": folder.name, "weights_sha256": sha256(weights), "weights_bytes": size, "parts": len(parts)}
+    manifest = {"release": folder.name, "weights_sha256": sha256_file(weights), "weights_bytes": size, "parts": len(parts)}
     tar_path = out / f"{folder.name}.tar"
     with tarfile.open(tar_path, "w") as tar:
         for f in sorted(folder.iterdir()):
@@ -184,7 +179,7 @@ def unpack(src: Path, releases: Path, hub_configs: Path) -> list:
             with open(staging / "model.safetensors", "wb") as w:
                 for p in parts:
                     w.write(p.read_bytes())
-            if sha256(staging / "model.safetensors") != manifest["weights_sha256"]:
+            if sha256_file(staging / "model.safetensors") != manifest["weights_sha256"]:
                 shutil.rmtree(staging)
                 raise SystemExit(f"{name}: the reassembled weights' sha256 is not the manifest's: fetch the parts again")
             for member in tar.getmembers():
