@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Normalized", "parse_eps", "pgd", "fgsm_rs", "nfgsm", "trades_adversary", "pgd_step_size", "REPORTED_ATTACKS",
+__all__ = ["Normalized", "parse_eps", "NORMS", "DEFAULT_EPS", "pgd", "fgsm_rs", "nfgsm", "trades_adversary", "pgd_step_size", "REPORTED_ATTACKS",
            "describe_attack"]
 
 # APGD-CE's (and APGD-DLR's) restarts in each AutoAttack version at L-inf and L2, as pyautoattack sets
@@ -55,23 +55,57 @@ class Normalized(nn.Module):
         return self.model((x - self.mean) / self.std)
 
 
-def parse_eps(text: str) -> float:
-    """An attack radius in [0, 1] pixels from the command line: "8/255", "0.0314", or "8" (a value
-    above 1 is read as x/255)."""
+NORMS = ("Linf", "L2", "L1")
+# RobustBench's radii in [0, 1] pixels (its CIFAR-10 boards; L1 12 as in Croce & Hein's L1 APGD)
+DEFAULT_EPS = {"Linf": 8 / 255, "L2": 0.5, "L1": 12.0}
+
+
+def parse_eps(text: str, norm: str = "Linf") -> float:
+    """An attack radius in [0, 1] pixels from the command line: "8/255" or "0.0314"; at L-inf a value
+    above 1 is read as x/255 ("8" is 8/255: an L-inf radius above one pixel range means nothing), at
+    L2 and L1 a number is the radius itself ("12" is 12)."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
     if "/" in text:
         a, b = text.split("/")
         return float(a) / float(b)
     value = float(text)
-    return value / 255 if value > 1 else value
+    return value / 255 if value > 1 and norm == "Linf" else value
 
 
 def _project(delta: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """The nearest delta with x + delta in [0, 1] and ||delta|| <= eps. At L-inf and L2 the ball's
+    projection then the box's is exact; at L1 the two interact, and AutoAttack's exact projection
+    onto their intersection is used (its L1 APGD's own)."""
+    if norm == "L1":
+        from pyautoattack.autopgd_base import L1_projection
+
+        return (delta + L1_projection(x, delta, eps)).to(delta.dtype)
     if norm == "Linf":
         delta = delta.clamp(-eps, eps)
     else:
         flat = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
         delta = delta * (eps / flat).clamp(max=1.0).view(-1, 1, 1, 1)
     return (x + delta).clamp(0, 1) - x
+
+
+# Sparse L1 descent (Tramer & Boneh 2019, "SLIDE"): the L1 steepest-descent direction moves one
+# coordinate, which a box-constrained attack cannot follow far; moving the top 1% of the gradient's
+# coordinates by its sign spreads the step over enough pixels to make progress.
+L1_STEP_FRACTION = 0.01
+
+
+def _l1_direction(grad: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
+    """A unit-L1 ascent direction at ``point``: the sign of the gradient on its largest
+    ``L1_STEP_FRACTION`` of coordinates (at least one), each moved by the same amount. Pixels at the
+    edge of [0, 1] that the gradient pushes outward are left out: a step there is projected away,
+    and a linear loss would push the same pixel at every step."""
+    blocked = ((point >= 1) & (grad > 0)) | ((point <= 0) & (grad < 0))
+    flat = grad.masked_fill(blocked, 0).flatten(1)
+    k = max(1, int(round(L1_STEP_FRACTION * flat.shape[1])))
+    top = flat.abs().topk(k, dim=1).indices
+    step = torch.zeros_like(flat).scatter_(1, top, flat.gather(1, top).sign()) / k
+    return step.view_as(grad)
 
 
 def _input_grad(loss_of, delta: torch.Tensor, loss_scale: float) -> torch.Tensor:
@@ -98,15 +132,17 @@ def pgd(
     generator: Optional[torch.Generator] = None,
     loss_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Untargeted PGD on the cross-entropy (Madry et al.): adversarial x in [0, 1] within the eps-ball.
+    """Untargeted PGD on the cross-entropy (Madry et al.): adversarial x in [0, 1] within the eps-ball
+    of ``norm`` (L-inf and L2: steepest ascent; L1: sparse L1 descent, see ``_l1_direction``).
     ``loss_scale``: see ``_input_grad`` (float16 autocast)."""
-    if norm not in ("Linf", "L2"):
-        raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
     x = x.detach()
     if random_start:
         delta = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
-        if norm == "L2":
-            delta = delta / delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * eps
+        if norm != "Linf":  # a random point on the sphere of radius eps, then into the box
+            p = 2 if norm == "L2" else 1
+            delta = delta / delta.flatten(1).norm(p=p, dim=1).view(-1, 1, 1, 1) * eps
         delta = _project(delta * eps if norm == "Linf" else delta, x, eps, norm)
     else:
         delta = torch.zeros_like(x)
@@ -117,6 +153,8 @@ def pgd(
         with torch.no_grad():
             if norm == "Linf":
                 step = alpha * grad.sign()
+            elif norm == "L1":
+                step = alpha * _l1_direction(grad, x + delta)
             else:
                 step = alpha * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
             delta = _project(delta + step, x, eps, norm)

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from ._files import write_atomic
 from .attacks import describe_attack
 from .hub import DEFAULT_ORG, CheckpointError, check_checkpoint_folder, sha256_file, validate_hub_config
 from .objectives import TRAINING_OBJECTIVES
@@ -308,9 +309,7 @@ def build_release(
     if hub_configs_dir:
         cfg_path = Path(hub_configs_dir) / cfg_name
         cfg_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cfg_path.with_name(cfg_path.name + ".tmp")
-        tmp.write_text(cfg_text)
-        os.replace(tmp, cfg_path)
+        write_atomic(cfg_path, cfg_text)
     return cfg
 
 

@@ -14,7 +14,7 @@ import re
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._config import option
+from ._files import write_atomic
 from .attacks import Normalized, parse_eps, pgd, pgd_step_size
 from .convert import EDL_ARG_NAMES, MODEL_MODES, SELECTION_ARG_NAMES, convert_with_args
 from .data import load_image_split, random_crop_flip
@@ -38,90 +40,79 @@ class TrainingInputError(ValueError):
     """Bad input found before training starts (the message says what to do)."""
 
 
-def _arg(default, help: str, group: str, **cli):
-    """A ``TrainConfig`` field with its command-line help (``scripts/train.py`` derives its flags from
-    these, so each default is written once). ``cli``: argparse extras (type, choices, metavar, flag)."""
-    meta = {"help": help, "group": group, **cli}
-    if default is dataclasses.MISSING:
-        return field(metadata=meta)
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
 @dataclass
 class TrainConfig:
     """One training run; every field is also a flag of ``scripts/train.py`` (``max_steps`` is ``--max-steps``)."""
 
     # model
-    model: str = _arg(dataclasses.MISSING, "timm model name, arch.tag, hf-hub:org/name, local-dir:/path or a training output folder",
+    model: str = option(dataclasses.MISSING, "timm model name, arch.tag, hf-hub:org/name, local-dir:/path or a training output folder",
                       "model", required=True)
-    model_kwargs: Dict[str, Any] = _arg({}, "model arguments, e.g. mode=none num_iters=3", "model", kwargs=True)
-    pretrained: bool = _arg(False, "start from the model's pretrained weights", "model")
-    convert: Optional[str] = _arg(None, "turn the (plain, trained) model's convolutions into EDL layers of this mode "
+    model_kwargs: Dict[str, Any] = option({}, "model arguments, e.g. mode=none num_iters=3", "model", kwargs=True)
+    pretrained: bool = option(False, "start from the model's pretrained weights", "model")
+    convert: Optional[str] = option(None, "turn the (plain, trained) model's convolutions into EDL layers of this mode "
                                   "(elastic, vanilla, robust) before training, keeping their weights; see edl_timm.convert",
                                   "model", metavar="MODE")
-    convert_args: Dict[str, Any] = _arg({}, "EDL arguments for --convert: num_iters, lam, eps, beta_init, ..., "
+    convert_args: Dict[str, Any] = option({}, "EDL arguments for --convert: num_iters, lam, eps, beta_init, ..., "
                                         "edl_include, edl_exclude", "model", kwargs=True)
-    num_classes: Optional[int] = _arg(None, "a new classifier with this many classes", "model", type=int)
+    num_classes: Optional[int] = option(None, "a new classifier with this many classes", "model", type=int)
     # data
-    dataset: str = _arg("uoft-cs/cifar10", "Hub id, local parquet folder or image folder", "data")
-    image_column: Optional[str] = _arg(None, "image column; None: img or image", "data")
-    label_column: Optional[str] = _arg(None, "label column; None: label, fine_label or labels", "data")
-    train_split: str = _arg("train", "training split", "data")
-    eval_split: str = _arg("test", "split evaluated after each epoch", "data")
-    train_subset: Optional[int] = _arg(None, "first N training examples (a seeded random N if the split is sorted by "
+    dataset: str = option("uoft-cs/cifar10", "Hub id, local parquet folder or image folder", "data")
+    image_column: Optional[str] = option(None, "image column; None: img or image", "data")
+    label_column: Optional[str] = option(None, "label column; None: label, fine_label or labels", "data")
+    train_split: str = option("train", "training split", "data")
+    eval_split: str = option("test", "split evaluated after each epoch", "data")
+    train_subset: Optional[int] = option(None, "first N training examples (a seeded random N if the split is sorted by "
                                        "class)", "data", type=int)
-    eval_subset: Optional[int] = _arg(500, "held-out examples evaluated each epoch (chosen as --train-subset)", "data",
+    eval_subset: Optional[int] = option(500, "held-out examples evaluated each epoch (chosen as --train-subset)", "data",
                                       type=int)
-    augment: bool = _arg(True, "random crop and flip of each training batch; --no-augment turns them off", "data",
+    augment: bool = option(True, "random crop and flip of each training batch; --no-augment turns them off", "data",
                          flag="--no-augment")
-    num_workers: int = _arg(0, "data loader workers", "data", type=int)
+    num_workers: int = option(0, "data loader workers", "data", type=int)
     # optimisation
-    epochs: int = _arg(10, "epochs", "optimisation", type=int)
-    max_steps: Optional[int] = _arg(None, "stop after this many optimizer steps", "optimisation", type=int)
-    batch_size: int = _arg(128, "per process: the global batch is batch-size x processes x grad-accum", "optimisation",
+    epochs: int = option(10, "epochs", "optimisation", type=int)
+    max_steps: Optional[int] = option(None, "stop after this many optimizer steps", "optimisation", type=int)
+    batch_size: int = option(128, "per process: the global batch is batch-size x processes x grad-accum", "optimisation",
                            type=int)
-    grad_accum: int = _arg(1, "micro-batches per optimizer step", "optimisation", type=int)
-    lr: float = _arg(0.1, "peak learning rate", "optimisation", type=float)
-    optimizer: str = _arg("sgd", "timm's names: sgd is SGD with Nesterov momentum (plain SGD with --momentum 0), momentum "
+    grad_accum: int = option(1, "micro-batches per optimizer step", "optimisation", type=int)
+    lr: float = option(0.1, "peak learning rate", "optimisation", type=float)
+    optimizer: str = option("sgd", "timm's names: sgd is SGD with Nesterov momentum (plain SGD with --momentum 0), momentum "
                           "is SGD with classical momentum", "optimisation", choices=["sgd", "momentum", "adamw"])
-    momentum: float = _arg(0.9, "momentum", "optimisation", type=float)
-    weight_decay: float = _arg(5e-4, "weight decay (not on norms, biases and beta)", "optimisation", type=float)
-    schedule: str = _arg("cosine", "lr schedule, per step: cosine or step (after --warmup-epochs), or triangle: linear "
+    momentum: float = option(0.9, "momentum", "optimisation", type=float)
+    weight_decay: float = option(5e-4, "weight decay (not on norms, biases and beta)", "optimisation", type=float)
+    schedule: str = option("cosine", "lr schedule, per step: cosine or step (after --warmup-epochs), or triangle: linear "
                          "from 0 to the peak lr at the run's middle and back to 0 at its end (fast-AT's cyclic schedule)",
                          "optimisation", choices=list(SCHEDULES))
-    warmup_epochs: float = _arg(0.0, "linear warm-up from a hundredth of the peak lr, before cosine or step start at the "
+    warmup_epochs: float = option(0.0, "linear warm-up from a hundredth of the peak lr, before cosine or step start at the "
                                 "peak (the triangle's rise is its own warm-up)", "optimisation", type=float)
-    peak_momentum: Optional[float] = _arg(None, "SGD momentum at the peak lr, moved linearly against the lr back to "
+    peak_momentum: Optional[float] = option(None, "SGD momentum at the peak lr, moved linearly against the lr back to "
                                           "--momentum at lr 0 (PyTorch CyclicLR's cycle_momentum; the fast-AT "
                                           "reference: 0.8 with --momentum 0.9). None: --momentum throughout",
                                           "optimisation", type=float)
-    grad_clip: Optional[float] = _arg(None, "clip the gradient's norm", "optimisation", type=float)
-    mixed_precision: str = _arg("no", "accelerate's autocast for training; bf16 on the CPU runs the fused EDL path in "
+    grad_clip: Optional[float] = option(None, "clip the gradient's norm", "optimisation", type=float)
+    mixed_precision: str = option("no", "accelerate's autocast for training; bf16 on the CPU runs the fused EDL path in "
                                 "bfloat16. The per-epoch evaluation stays float32", "optimisation",
                                 choices=["no", "bf16", "fp16"])
-    channels_last: bool = _arg(False, "train in NHWC; checkpoints and weights keep the usual layout", "optimisation")
-    seed: int = _arg(0, "seed of initialisation, data order, augmentation and attack noise", "optimisation", type=int)
+    channels_last: bool = option(False, "train in NHWC; checkpoints and weights keep the usual layout", "optimisation")
+    seed: int = option(0, "seed of initialisation, data order, augmentation and attack noise", "optimisation", type=int)
     # adversarial training
-    adv: str = _arg("none", "training objective: " + "; ".join(f"{k}: {o.help}" for k, o in TRAINING_OBJECTIVES.items()),
+    adv: str = option("none", "training objective: " + "; ".join(f"{k}: {o.help}" for k, o in TRAINING_OBJECTIVES.items()),
                     "adversarial", choices=list(ADV_OBJECTIVES))
-    eps: float = _arg(8 / 255, "L-inf radius in [0, 1] pixels: 8/255, 0.0314 or 8", "adversarial", type=parse_eps)
-    alpha: Optional[float] = _arg(None, "attack step (default: the objective's, in --adv's help)", "adversarial",
+    eps: float = option(8 / 255, "L-inf radius in [0, 1] pixels: 8/255, 0.0314 or 8", "adversarial", type=parse_eps)
+    alpha: Optional[float] = option(None, "attack step (default: the objective's, in --adv's help)", "adversarial",
                                   type=parse_eps)
-    steps: int = _arg(10, "attack steps of pgd / trades", "adversarial", type=int)
-    trades_beta: float = _arg(6.0, "TRADES' weight of the KL term", "adversarial", type=float)
-    elastic_from_epoch: int = _arg(0, "train EDL layers as Vanilla DL before this epoch", "adversarial", type=int)
-    eval_pgd_steps: int = _arg(10, "PGD steps of the per-epoch evaluation", "adversarial", type=int)
+    steps: int = option(10, "attack steps of pgd / trades", "adversarial", type=int)
+    trades_beta: float = option(6.0, "TRADES' weight of the KL term", "adversarial", type=float)
+    elastic_from_epoch: int = option(0, "train EDL layers as Vanilla DL before this epoch", "adversarial", type=int)
+    eval_pgd_steps: int = option(10, "PGD steps of the per-epoch evaluation", "adversarial", type=int)
     # output and checkpoints
-    output_dir: str = _arg("runs/train", "the run's folder", "output", required=True)
-    checkpoint_every: Optional[int] = _arg(None, "also checkpoint every N steps (always at each epoch)", "output", type=int)
-    keep_checkpoints: int = _arg(2, "checkpoints kept", "output", type=int)
-    resume: Optional[str] = _arg(None, "a checkpoint folder, or 'auto' for the latest in --output-dir", "output")
-    overwrite: bool = _arg(False, "start over in an --output-dir that holds a finished or unfinished run (its "
+    output_dir: str = option("runs/train", "the run's folder", "output", required=True)
+    checkpoint_every: Optional[int] = option(None, "also checkpoint every N steps (always at each epoch)", "output", type=int)
+    keep_checkpoints: int = option(2, "checkpoints kept", "output", type=int)
+    resume: Optional[str] = option(None, "a checkpoint folder, or 'auto' for the latest in --output-dir", "output")
+    overwrite: bool = option(False, "start over in an --output-dir that holds a finished or unfinished run (its "
                            "weights, checkpoints and logs are deleted first); without it such a folder is refused", "output")
-    log_with: Optional[str] = _arg(None, "an accelerate tracker, e.g. tensorboard", "output")
-    quiet: bool = _arg(False, "no progress bar or final print", "output")
+    log_with: Optional[str] = option(None, "an accelerate tracker, e.g. tensorboard", "output")
+    quiet: bool = option(False, "no progress bar or final print", "output")
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -322,7 +313,7 @@ def _save_checkpoint(accelerator, net: nn.Module, output_dir: Path, state: Dict[
             # the epoch-end checkpoint of a step that a --checkpoint-every one already holds: the
             # files are the same (evaluation changes no state), only the position moves on; one
             # atomic rename, where deleting the folder first would leave a moment with neither
-            _write_atomic(final / "trainer_state.json", json.dumps(state))
+            write_atomic(final / "trainer_state.json", json.dumps(state))
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             (tmp / "trainer_state.json").write_text(json.dumps(state))  # last: it marks the folder complete
@@ -331,12 +322,6 @@ def _save_checkpoint(accelerator, net: nn.Module, output_dir: Path, state: Dict[
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _save_final(accelerator, model: nn.Module, output_dir: Path, cfg: TrainConfig, metrics: Dict[str, Any]) -> None:
@@ -360,7 +345,7 @@ def _save_final(accelerator, model: nn.Module, output_dir: Path, cfg: TrainConfi
     for f in tmp.iterdir():
         os.replace(f, output_dir / f.name)
     tmp.rmdir()
-    _write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2))
+    write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2))
 
 
 class _SolverState:
@@ -600,7 +585,7 @@ class _RunLog:
         self.accelerator, self.path, self.lines, self.trackers = accelerator, path, kept_lines, trackers
         if accelerator.is_main_process:
             kept = path.read_text().splitlines(keepends=True)[:kept_lines] if path.exists() else []
-            _write_atomic(path, "".join(kept))
+            write_atomic(path, "".join(kept))
 
     def __call__(self, record: Dict[str, Any]) -> None:
         self.lines += 1

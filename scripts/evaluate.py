@@ -19,10 +19,12 @@ from pathlib import Path
 
 import torch
 
-from edl_timm.attacks import parse_eps
+from edl_timm._files import write_atomic
+from edl_timm._config import HelpFormatter, add_arguments
 from edl_timm.cpu import keep_freed_memory
 from edl_timm.data import describe_subset, load_image_split, select_subset
 from edl_timm.evaluation import ProgressMismatchError, evaluate, format_table
+from edl_timm.evaluation.config import EvalConfig, radius
 from edl_timm.hub import CheckpointError, WeightsUnavailableError, create_model, sha256_file
 
 
@@ -56,17 +58,17 @@ def load(source, pretrained, device):
     return model.to(device).eval()
 
 
-def count_or_all(value):
-    """--clean-n: a positive number of images, or "all" (None: the whole split)."""
-    if value == "all":
-        return None
+def build_parser() -> argparse.ArgumentParser:
+    """The flags, one per ``EvalConfig`` field (its default and help are written there once)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    return add_arguments(p, EvalConfig)
+
+
+def read_radius(p: argparse.ArgumentParser, flag: str, text, norm: str) -> float:
     try:
-        n = int(value)
+        return radius(text, norm)
     except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of images or 'all', got {value!r}")
-    return n
+        p.error(f"{flag}: expected a number or a fraction such as 8/255, got {text!r}")
 
 
 def check_arguments(p: argparse.ArgumentParser, args) -> None:
@@ -80,10 +82,10 @@ def check_arguments(p: argparse.ArgumentParser, args) -> None:
                              ("--restarts", args.restarts, 1)):
         if value < low:
             p.error(f"{flag} must be at least {low}, got {value}")
-    # parse_eps reads a value above 1 as x/255, so "--eps 300" arrives as 1.18: more than the pixel range
+    # at Linf a value above 1 is read as x/255, so "--eps 300" arrives as 1.18: more than the pixel range
     if not args.eps > 0 or (args.norm == "Linf" and args.eps >= 1):
         p.error(f"--eps must be above 0{' and below 1' if args.norm == 'Linf' else ''} in [0, 1] pixels "
-                f"(e.g. 8/255; a value above 1 is read as x/255), got {args.eps:g}")
+                f"(e.g. {'8/255; a value above 1 is read as x/255' if args.norm == 'Linf' else '0.5'}), got {args.eps:g}")
     if args.step_size is not None and not args.step_size > 0:
         p.error(f"--step-size must be above 0, got {args.step_size:g}")
 
@@ -108,32 +110,11 @@ def check_output(out: Path, weights_sha256) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="arch.tag, hf-hub:org/name, local-dir:/path or a training output folder")
-    p.add_argument("--pretrained", action="store_true", help="for a registry name: load its pretrained weights")
-    p.add_argument("--dataset", default="uoft-cs/cifar10")
-    p.add_argument("--split", default="test")
-    p.add_argument("--image-column", default=None)
-    p.add_argument("--label-column", default=None)
-    p.add_argument("--n", type=int, default=1000, help="first N test examples (a seeded random N if the split is sorted by class)")
-    p.add_argument("--clean-n", type=count_or_all, default=False, help="clean accuracy on this many test examples, chosen as --n (all: the whole split; default: the attacks' --n)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--norm", default="Linf", choices=["Linf", "L2"])
-    p.add_argument("--eps", type=parse_eps, default=8 / 255)
-    p.add_argument("--steps", type=int, default=20, help="PGD steps")
-    p.add_argument("--step-size", type=parse_eps, default=None, help="PGD step (default 2.5 eps / steps)")
-    p.add_argument("--restarts", type=int, default=1)
-    p.add_argument("--autoattack", default="standard", choices=["standard", "plus", "custom", "none"])
-    p.add_argument("--aa-attacks", nargs="*", default=None, help="attack list for --autoattack custom, e.g. apgd-ce apgd-t")
-    p.add_argument("--aa-restarts", type=int, default=None,
-                   help="restarts of APGD-CE and APGD-DLR (default: the version's own; standard 1, custom and plus 5)")
-    p.add_argument("--audit", action="store_true", help="run the gradient-masking audit")
-    p.add_argument("--surrogate", default=None, help="model for the audit's transfer attack (e.g. the plain mode=none twin)")
-    p.add_argument("--output", default=None, help="JSON report path")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    p = build_parser()
     args = p.parse_args(argv)
+    args.eps = read_radius(p, "--eps", args.eps, args.norm)
+    args.step_size = read_radius(p, "--step-size", args.step_size, args.norm) if args.step_size is not None else None
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_arguments(p, args)
     if torch.device(args.device).type == "cpu":
         keep_freed_memory()  # page reuse: 5-10% of a CPU step for EDL models (edl_timm/cpu.py)
@@ -160,9 +141,10 @@ def main(argv=None):
     # the whole split's labels decide how the subset is chosen, and the report says which way
     selection = describe_subset(y, args.n, args.seed)
     clean_set = None
-    if args.clean_n is not False:
-        picked = select_subset(y, args.clean_n, args.seed)
-        clean_set = (x[picked], y[picked], describe_subset(y, args.clean_n, args.seed))
+    if args.clean_n is not None:
+        clean_n = None if args.clean_n == "all" else args.clean_n  # None: the whole split
+        picked = select_subset(y, clean_n, args.seed)
+        clean_set = (x[picked], y[picked], describe_subset(y, clean_n, args.seed))
     keep = select_subset(y, args.n, args.seed)
     x, y = x[keep], y[keep]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -181,9 +163,7 @@ def main(argv=None):
     except ProgressMismatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out)
+    write_atomic(out, json.dumps(report, indent=2))
     progress.unlink(missing_ok=True)  # only now: the report holds every measurement the file kept
     print(format_table(report))
     print(f"report: {out}")

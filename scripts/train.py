@@ -11,12 +11,12 @@ scripts/push_to_hub.py take.
 """
 import argparse
 import ast
-import dataclasses
 import json
 import sys
 
 import torch
 
+from edl_timm._config import HelpFormatter, add_arguments
 from edl_timm.cpu import keep_freed_memory
 from edl_timm.training import ADV_OBJECTIVES, TrainConfig, TrainingInputError, train
 
@@ -36,24 +36,9 @@ def parse_kwargs(items):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The flags, one per ``TrainConfig`` field (its default and help are written there once), in the
-    field's group, as timm's train.py groups its flags."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    groups = {}
-    for f in dataclasses.fields(TrainConfig):
-        meta = dict(f.metadata)
-        name = meta.pop("group")
-        group = groups[name] if name in groups else groups.setdefault(name, p.add_argument_group(name))
-        flag = meta.pop("flag", "--" + f.name.replace("_", "-"))
-        if meta.pop("kwargs", False):  # key=value pairs, parsed below
-            group.add_argument(flag, dest=f.name, nargs="*", default=[], metavar="KEY=VALUE", **meta)
-        elif f.type in (bool, "bool"):
-            action = "store_false" if f.default else "store_true"
-            group.add_argument(flag, dest=f.name, action=action, **meta)
-        else:
-            default = None if f.default is dataclasses.MISSING else f.default
-            group.add_argument(flag, dest=f.name, default=default, **meta)
-    return p
+    """The flags, one per ``TrainConfig`` field (its default and help are written there once)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    return add_arguments(p, TrainConfig)
 
 
 def main(argv=None):

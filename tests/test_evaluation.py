@@ -252,7 +252,7 @@ def _figures(report):
 def test_a_killed_evaluation_resumes_with_the_figures_of_an_uninterrupted_one(tmp_path, monkeypatch):
     """The run is killed inside AutoAttack's second attack, after its first batch; run again, it measures
     only what was missing, and its report equals that of a run that was never stopped."""
-    import edl_timm.evaluation as ev
+    from edl_timm.evaluation import masking as ev_audit, measure as ev, report as ev_report
 
     whole = _evaluate_small(None)
     path = tmp_path / "r.progress.json"
@@ -275,7 +275,8 @@ def test_a_killed_evaluation_resumes_with_the_figures_of_an_uninterrupted_one(tm
     calls.clear()
     pgd_runs = []
     real_pgd = ev.pgd_accuracy
-    monkeypatch.setattr(ev, "pgd_accuracy", lambda *a, **k: pgd_runs.append(a[3]) or real_pgd(*a, **k))
+    for room in (ev_audit, ev_report):  # each room that runs a PGD
+        monkeypatch.setattr(room, "pgd_accuracy", lambda *a, **k: pgd_runs.append(a[3]) or real_pgd(*a, **k))
     resumed = _evaluate_small(str(path))
     assert _figures(resumed) == _figures(whole)
     assert "apgd-ce" not in calls and calls.count("apgd-t") >= 1  # apgd-ce's batches and apgd-t's first were kept
@@ -284,12 +285,13 @@ def test_a_killed_evaluation_resumes_with_the_figures_of_an_uninterrupted_one(tm
 
 @pytest.mark.parametrize("step_size", [None, 0.004])
 def test_the_sweep_point_at_eps_is_the_white_box_pgd_only_when_it_is_the_same_attack(monkeypatch, step_size):
-    import edl_timm.evaluation as ev
+    from edl_timm.evaluation import masking as ev_audit, measure as ev, report as ev_report
 
     model, x, y = small_mlp_problem()
     runs = []
     real_pgd = ev.pgd_accuracy
-    monkeypatch.setattr(ev, "pgd_accuracy", lambda *a, **k: runs.append((a[3], k.get("source"))) or real_pgd(*a, **k))
+    for room in (ev_audit, ev_report):
+        monkeypatch.setattr(room, "pgd_accuracy", lambda *a, **k: runs.append((a[3], k.get("source"))) or real_pgd(*a, **k))
     report = evaluate(model, x, y, source="mlp", eps=0.02, pgd_steps=5, pgd_step_size=step_size, autoattack=None,
                       batch_size=16, do_audit=True, eps_sweep=[0.0, 0.02, 0.5],
                       data={"dataset": "synthetic", "split": "test", "selection": "all"})
@@ -399,11 +401,12 @@ def stored_progress(tmp_path_factory):
 
 
 def test_the_same_inputs_take_the_stored_measurements(tmp_path, stored_progress, monkeypatch):
-    import edl_timm.evaluation as ev
+    from edl_timm.evaluation import masking as ev_audit, measure as ev, report as ev_report
 
     path = tmp_path / "r.progress.json"
     path.write_bytes(stored_progress)
-    monkeypatch.setattr(ev, "pgd_accuracy", lambda *a, **k: pytest.fail("a stored PGD measurement was made again"))
+    for room in (ev_audit, ev_report):
+        monkeypatch.setattr(room, "pgd_accuracy", lambda *a, **k: pytest.fail("a stored PGD measurement was made again"))
     monkeypatch.setattr(ev, "_run_autoattack", lambda *a, **k: pytest.fail("a stored AutoAttack batch was run again"))
     model, x, y, kw = _identity_case("none")
     evaluate(model, x, y, progress_path=str(path), **kw)
