@@ -45,11 +45,20 @@ def add_arguments(parser: argparse.ArgumentParser, config_class) -> argparse.Arg
         elif f.type in (bool, "bool"):
             group.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true", **meta)
         else:
-            default = None if f.default is dataclasses.MISSING else f.default
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            else:
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
             group.add_argument(flag, dest=f.name, default=default, **meta)
     return parser
 
 
 def defaults(config_class) -> Dict[str, Any]:
     """Each field's default (fields without one left out)."""
-    return {f.name: f.default for f in dataclasses.fields(config_class) if f.default is not dataclasses.MISSING}
+    out = {}
+    for f in dataclasses.fields(config_class):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out

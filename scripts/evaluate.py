@@ -23,7 +23,10 @@ from edl_timm._files import write_atomic
 from edl_timm._config import HelpFormatter, add_arguments
 from edl_timm.cpu import keep_freed_memory
 from edl_timm.data import describe_subset, load_image_split, select_subset
-from edl_timm.evaluation import ProgressMismatchError, evaluate, format_table
+from edl_timm.corruptions import CIFAR10C_CORRUPTIONS, GENERATED, SEVERITIES, CorruptionDataError, cifar10c_labels
+from edl_timm.evaluation import (
+    ProgressMismatchError, evaluate, evaluate_corruptions, format_corruption_table, format_table, plot_corruptions,
+)
 from edl_timm.evaluation.config import EvalConfig, radius
 from edl_timm.hub import CheckpointError, WeightsUnavailableError, create_model, sha256_file
 
@@ -88,21 +91,37 @@ def check_arguments(p: argparse.ArgumentParser, args) -> None:
                 f"(e.g. {'8/255; a value above 1 is read as x/255' if args.norm == 'Linf' else '0.5'}), got {args.eps:g}")
     if args.step_size is not None and not args.step_size > 0:
         p.error(f"--step-size must be above 0, got {args.step_size:g}")
+    bad = [s for s in args.severities if s not in SEVERITIES]
+    if bad:
+        p.error(f"--severities are 1 to 5, got {' '.join(map(str, bad))}")
+    if args.corruptions is None:
+        if args.corruption_names is not None:
+            p.error("--corruption-names needs --corruptions FOLDER|generated")
+        return
+    if args.audit or args.surrogate:
+        p.error("--audit and --surrogate are for attacks; a --corruptions evaluation has no attack to audit")
+    known = CIFAR10C_CORRUPTIONS if args.corruptions != "generated" else tuple(GENERATED)
+    unknown = [c for c in args.corruption_names or () if c not in known]
+    if unknown:
+        where = "generated" if args.corruptions == "generated" else "in CIFAR-10-C"
+        p.error(f"--corruption-names: {', '.join(unknown)} not {where}; choose from {', '.join(known)}")
+    if args.corruptions != "generated" and not os.path.isdir(args.corruptions):
+        p.error(f"--corruptions {args.corruptions}: no such folder (a CIFAR-10-C folder, or 'generated')")
 
 
-def check_output(out: Path, weights_sha256) -> None:
-    """A report is replaced only by a report of the same weights: an existing --output that is not
-    an evaluation report, or is one of other weights, is refused (nothing was written)."""
+def check_output(out: Path, weights_sha256, schema: str = "edl-timm/eval-report/1") -> None:
+    """A report is replaced only by a report of the same kind and weights: an existing --output that
+    is not such a report, or is one of other weights, is refused (nothing was written)."""
     if not out.exists():
         return
     try:
         old = json.loads(out.read_text())
-        is_report = isinstance(old, dict) and old.get("schema") == "edl-timm/eval-report/1"
+        is_report = isinstance(old, dict) and old.get("schema") == schema
     except (ValueError, UnicodeDecodeError, IsADirectoryError):
         is_report = False
     if not is_report:
-        raise ValueError(f"--output {out} exists and is not an evaluation report: choose another --output "
-                         "(nothing was written)")
+        kind = "a corruption report" if "corruption" in schema else "an evaluation report"
+        raise ValueError(f"--output {out} exists and is not {kind}: choose another --output (nothing was written)")
     theirs = old.get("model", {}).get("weights_sha256")
     if theirs != weights_sha256:
         raise ValueError(f"--output {out} is the report of other weights (sha256 {theirs}, these are {weights_sha256}): "
@@ -130,14 +149,17 @@ def main(argv=None):
         print(f"error: labels of split {args.split!r} range over [{int(y.min())}, {int(y.max())}] but the model has "
               f"{classes} classes: check --label-column, --dataset and --model", file=sys.stderr)
         return 2
-    out = Path(args.output) if args.output else (Path(args.model) if os.path.isdir(args.model) else Path(".")) / "eval_report.json"
+    name = "corruption_report.json" if args.corruptions else "eval_report.json"
+    out = Path(args.output) if args.output else (Path(args.model) if os.path.isdir(args.model) else Path(".")) / name
     wf = weights_file(model, args.model)
     weights_sha256 = sha256_file(wf) if wf and wf.exists() else None
     try:
-        check_output(out, weights_sha256)
+        check_output(out, weights_sha256, "edl-timm/corruption-report/1" if args.corruptions else "edl-timm/eval-report/1")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.corruptions:
+        return corruptions(args, model, x, y, out, weights_sha256)
     # the whole split's labels decide how the subset is chosen, and the report says which way
     selection = describe_subset(y, args.n, args.seed)
     clean_set = None
@@ -166,6 +188,39 @@ def main(argv=None):
     write_atomic(out, json.dumps(report, indent=2))
     progress.unlink(missing_ok=True)  # only now: the report holds every measurement the file kept
     print(format_table(report))
+    print(f"report: {out}")
+    return 0
+
+
+def corruptions(args, model, x, y, out: Path, weights_sha256) -> int:
+    """The --corruptions evaluation: its report and a heat map beside it."""
+    keep = select_subset(y, args.n, args.seed)
+    data = {"dataset": args.dataset, "split": args.split, "selection": describe_subset(y, args.n, args.seed),
+            "note": dataset_note(args.dataset)}
+    subset, folder = None, None
+    try:
+        if args.corruptions != "generated":
+            folder = args.corruptions
+            names = args.corruption_names or list(CIFAR10C_CORRUPTIONS)
+            c_labels = cifar10c_labels(folder, names, args.severities)  # every file checked; the subset from its own order
+            subset = select_subset(c_labels, args.n, args.seed)
+            data["corrupted_selection"] = describe_subset(c_labels, args.n, args.seed) + " of CIFAR-10-C's test images"
+            data["selection"] += " (the clean figure's images)"
+        else:
+            names = args.corruption_names or list(GENERATED)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        progress = out.with_name(out.stem + ".progress.json")
+        report = evaluate_corruptions(
+            model, x[keep], y[keep], source=args.model, corruptions=names, severities=args.severities, cifar10c=folder,
+            subset=subset, seed=args.seed, batch_size=args.batch_size, data=data, weights_sha256=weights_sha256,
+            progress_path=str(progress))
+    except (CorruptionDataError, ProgressMismatchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_atomic(out, json.dumps(report, indent=2))
+    plot_corruptions([(args.model, report)], out.with_suffix(".png"))
+    progress.unlink(missing_ok=True)
+    print(format_corruption_table(report))
     print(f"report: {out}")
     return 0
 

@@ -69,6 +69,77 @@ def test_pgd_finds_exactly_the_flippable_points_of_a_linear_model(norm, eps):
     assert pgd_accuracy(model, x, y, 1.0, steps=5) == 0.0  # past the boundary of [0, 1]: nothing is robust
 
 
+def l1_problem(eps, classes=10, n=32, seed=0):
+    """A linear classifier on 3x4x4 images in [0, 1] and its exact robust accuracy in the L1 ball of
+    radius eps intersected with the box [0, 1], which binds here (eps reaches past a pixel's range).
+    Against class j the margin (w_y - w_j) x falls fastest by moving the pixels of largest |w_y - w_j|
+    as far as the box lets them (against the sign), greedily until eps is spent: a fractional
+    knapsack, solved exactly. Points within 0.05 of the boundary are dropped."""
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(48, classes)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(classes, 48, generator=g))
+        lin.bias.zero_()
+    model = nn.Sequential(nn.Flatten(), lin).eval()
+    model.pretrained_cfg = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    x = torch.rand(40 * n, 3, 4, 4, generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    w, flat = lin.weight.detach(), x.flatten(1)
+    worst = torch.full((len(y),), float("inf"))
+    for j in range(classes):
+        dw = w[y] - w[j]
+        room = torch.where(dw > 0, flat, 1 - flat)  # how far each pixel can move against the margin
+        gain, order = dw.abs().sort(dim=1, descending=True)
+        room = room.gather(1, order)
+        spent_before = torch.cumsum(room, 1) - room
+        moved = (eps - spent_before).clamp(min=0).minimum(room)
+        margin = (dw * flat).sum(1) - (gain * moved).sum(1)
+        worst = torch.minimum(worst, torch.where(y == j, torch.full_like(margin, float("inf")), margin))
+    keep = (worst.abs() > 0.05).nonzero().flatten()[:n]
+    expected = 100.0 * (worst[keep] > 0).float().mean().item()
+    assert len(keep) == n and 10 < expected < 90
+    return model, x[keep], y[keep], expected
+
+
+@pytest.mark.parametrize("eps", [0.5, 1.0])
+def test_l1_pgd_and_autoattack_find_exactly_the_flippable_points_of_a_linear_model(eps):
+    """The sparse L1 step must skip pixels the box has stopped (a linear loss pushes the same pixel
+    at every step), and the projection must be onto the L1 ball and the box together."""
+    model, x, y, expected = l1_problem(eps)
+    assert pgd_accuracy(model, x, y, eps, steps=20, norm="L1") == expected
+    aa = autoattack_accuracy(model, x, y, eps, norm="L1", attacks=["apgd-ce", "apgd-t"])
+    assert aa["accuracy"] == expected and aa["warnings"] == []
+
+
+def test_l1_pgd_stays_in_the_l1_ball_and_the_box():
+    from edl_timm.attacks import pgd
+
+    model, x, y, _ = l1_problem(1.0)
+    adv = pgd(model, x, y, 1.0, 0.3, 10, norm="L1", generator=torch.Generator().manual_seed(0))
+    assert (adv - x).abs().flatten(1).sum(1).max() <= 1.0 + 1e-5
+    assert adv.min() >= 0 and adv.max() <= 1
+
+
+def test_an_l1_report_names_its_norm_and_radius():
+    model, x, y, expected = l1_problem(1.0)
+    report = evaluate(model, x, y, source="linear", norm="L1", eps=1.0, autoattack="custom",
+                      autoattack_attacks=["apgd-ce"], data={"dataset": "synthetic", "split": "test", "selection": "all"})
+    assert report["threat_model"] == {"norm": "L1", "eps": 1.0}
+    assert all(r["norm"] == "L1" and r["eps"] == 1.0 for r in report["results"] if r["attack"] != "clean")
+    assert report["robust_accuracy"] == expected
+
+
+def test_the_radius_is_read_for_its_norm():
+    from edl_timm.attacks import DEFAULT_EPS, parse_eps
+    from edl_timm.evaluation.config import radius
+
+    assert parse_eps("8") == pytest.approx(8 / 255) and parse_eps("12", "L1") == 12.0 and parse_eps("0.5", "L2") == 0.5
+    assert parse_eps("128/255", "L2") == pytest.approx(128 / 255)
+    assert radius(None, "L1") == 12.0 == DEFAULT_EPS["L1"] and radius(None, "L2") == 0.5
+    assert radius(None, "Linf") == pytest.approx(8 / 255)
+
+
 @pytest.mark.parametrize("version", ["custom", pytest.param("standard", marks=pytest.mark.slow)])
 def test_autoattack_finds_exactly_the_flippable_points_of_a_linear_model(version):
     """Ten classes: APGD-T targets each class in turn, and for a linear model each target's worst case
@@ -425,3 +496,24 @@ def test_an_edl_models_solver_settings_are_part_of_its_identity(tmp_path):
     model[1].num_iters = 2
     with pytest.raises(ProgressMismatchError, match=r"differs in: model\)"):
         evaluate(model, x, y, source="edl", eps=0.02, pgd_steps=2, autoattack=None, progress_path=str(path))
+
+
+def test_every_eval_config_field_is_a_flag_with_the_same_default_and_evaluate_shares_them():
+    import dataclasses
+    import importlib.util
+    import inspect
+    from pathlib import Path
+
+    from edl_timm._config import defaults
+    from edl_timm.evaluation.config import EvalConfig
+
+    spec = importlib.util.spec_from_file_location("evaluate_cli", Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    args = vars(cli.build_parser().parse_args(["--model", "m"]))
+    assert set(args) == {f.name for f in dataclasses.fields(EvalConfig)}
+    assert {k: v for k, v in args.items() if k != "model"} == defaults(EvalConfig)
+    ours = inspect.signature(evaluate).parameters
+    for arg, field in [("norm", "norm"), ("pgd_steps", "steps"), ("restarts", "restarts"), ("autoattack", "autoattack"),
+                       ("batch_size", "batch_size"), ("seed", "seed")]:
+        assert ours[arg].default == defaults(EvalConfig)[field], arg

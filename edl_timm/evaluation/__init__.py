@@ -7,11 +7,13 @@ The rooms, by what changes together:
   model's checks before it is attacked (``pixel_model``, ``check_deterministic``);
 - ``masking``: the gradient-masking audit and the model variants it attacks through;
 - ``progress``: the store that lets a killed evaluation resume (``Progress``, ``fingerprint``);
-- ``report``: ``evaluate`` (one threat model's report), its schema and its table.
+- ``report``: ``evaluate`` (one threat model's report), its schema and its table;
+- ``corruption``: accuracy under common corruptions (``evaluate_corruptions``), its report and heat map.
 
 Every attack runs in [0, 1] pixel space on ``Normalized(model)`` in eval mode; the model is checked
 to be deterministic before it is attacked.
 """
+from .corruption import evaluate_corruptions, format_corruption_table, plot_corruptions, validate_corruption_report
 from .masking import audit, gradient_norms, solver_steps, straight_through
 from .measure import (
     accuracy, autoattack_accuracy, check_deterministic, deterministic_kernels, pgd_accuracy, pixel_model, predict,
@@ -22,5 +24,6 @@ from .report import REPORT_SCHEMA, evaluate, format_table, validate_report
 __all__ = [
     "REPORT_SCHEMA", "accuracy", "pgd_accuracy", "autoattack_accuracy", "check_deterministic", "solver_steps",
     "straight_through", "gradient_norms", "audit", "evaluate", "validate_report", "pixel_model", "Progress",
-    "ProgressMismatchError", "fingerprint", "format_table", "predict", "deterministic_kernels",
+    "ProgressMismatchError", "fingerprint", "format_table", "predict", "deterministic_kernels", "evaluate_corruptions",
+    "format_corruption_table", "plot_corruptions", "validate_corruption_report",
 ]

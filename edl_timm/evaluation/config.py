@@ -66,6 +66,15 @@ class EvalConfig:
                                         "custom and plus 5)", "attacks", type=int)
     audit: bool = option(False, "run the gradient-masking audit", "audit")
     surrogate: Optional[str] = option(None, "model for the audit's transfer attack (e.g. the plain mode=none twin)", "audit")
+    # corruptions
+    corruptions: Optional[str] = option(
+        None, "measure accuracy under common corruptions instead of attacks: a CIFAR-10-C folder (<corruption>.npy and "
+        "labels.npy) or 'generated' (CIFAR-10-C's parameters applied to --dataset's images, labelled as such)", "corruptions",
+        metavar="FOLDER|generated")
+    corruption_names: Optional[List[str]] = option(
+        None, "which corruptions (default: CIFAR-10-C's 15 for a folder, every generated one for 'generated')",
+        "corruptions", nargs="+")
+    severities: List[int] = option([1, 2, 3, 4, 5], "severities, 1 to 5", "corruptions", nargs="+", type=int)
     # output
     output: Optional[str] = option(None, "JSON report path (default: <model folder>/eval_report.json, or "
                                    "./eval_report.json)", "output")

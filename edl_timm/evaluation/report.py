@@ -14,7 +14,7 @@ from .config import EvalConfig
 from .measure import accuracy, autoattack_accuracy, check_deterministic, default_step, deterministic_kernels, pgd_accuracy, pixel_model
 from .progress import Progress, fingerprint, measured
 
-__all__ = ["REPORT_SCHEMA", "validate_report", "evaluate", "format_table"]
+__all__ = ["REPORT_SCHEMA", "validate_report", "evaluate", "format_table", "versions"]
 
 _log = logging.getLogger("edl_timm.evaluation")
 
@@ -82,7 +82,7 @@ def validate_report(report: Dict[str, Any]) -> None:
     jsonschema.validate(report, REPORT_SCHEMA)
 
 
-def _versions() -> Dict[str, str]:
+def versions() -> Dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
@@ -134,7 +134,7 @@ def evaluate(
             "images": fingerprint(x, y), "clean_images": fingerprint(clean_x, clean_y), **threat,
             "pgd": [pgd_steps, step_size, restarts], "autoattack": [autoattack, list(autoattack_attacks or []), autoattack_restarts],
             "eps_sweep": list(eps_sweep) if eps_sweep is not None else None, "batch_size": batch_size, "seed": seed,
-            "versions": _versions(),
+            "versions": versions(),
         }
         progress = Progress(progress_path, identity)
         if progress.stages:
@@ -187,7 +187,7 @@ def evaluate(
         "results": results,
         "robust_accuracy": robust,
         "audit": report_audit,
-        "versions": _versions(),
+        "versions": versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     validate_report(report)
