@@ -8,7 +8,7 @@ loader reads from the archive), so a user who has it measures the leaderboard's 
 
 Without it, ``generate`` corrupts the local test images with CIFAR-10-C's own severity parameters
 (those of ``make_cifar_c.py`` in hendrycks/robustness) for the corruptions whose primitives numpy,
-scipy and Pillow provide exactly: 9 of CIFAR-10-C's 15 and 2 of its 4 extra ones. The
+scipy and Pillow provide exactly: 8 of CIFAR-10-C's 15 and 2 of its 4 extra ones. The
 ``imagecorruptions`` package was not used: it ships ImageNet-C's parameters (Gaussian noise sigma
 0.08-0.38 against CIFAR-10-C's 0.04-0.10, tuned for 224-pixel images) and needs OpenCV and
 scikit-image. A generated set is labelled as such, never as CIFAR-10-C: its noise draws differ

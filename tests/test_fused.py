@@ -569,3 +569,31 @@ def test_nan_and_inf_inputs_propagate_as_through_a_convolution(dtype, layout, ba
         assert not torch.isfinite(fused[k][0]).all(), k
         assert torch.equal(torch.isfinite(fused[k]), torch.isfinite(eager[k])), k
         assert torch.equal(fused[k][1], clean[k][1]), k
+
+
+def test_the_layers_provide_every_member_the_fused_path_takes_and_it_takes_no_other():
+    """The contract between the layers and the fused path is ``_fused.FusedLayer``: both layers must
+    provide each of its members, and ``_fused.py`` must use no member of a layer outside it (a
+    member used but not declared would break the fused path of a new layer silently)."""
+    import ast
+    import inspect
+
+    from edl_timm.layers import _fused
+
+    declared = set(getattr(_fused.FusedLayer, "__annotations__", {})) | {
+        n for n, v in vars(_fused.FusedLayer).items() if callable(v) and not n.startswith("__")}
+    for layer in (EDLConv2d(3, 4, 3), EDLLinear(6, 4)):
+        missing = [n for n in sorted(declared) if not hasattr(layer, n)]
+        assert not missing, f"{type(layer).__name__} lacks {missing}"
+        assert isinstance(layer, _fused.FusedLayer)
+    tree = ast.parse(inspect.getsource(_fused))
+    used = {node.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "layer"}
+    assert used and used <= declared, f"_fused.py uses {sorted(used - declared)} of a layer without declaring it in FusedLayer"
+
+    class NoBiasGrad:  # a layer type that forgot one member is not a FusedLayer
+        pass
+
+    for n in declared - {"_bias_grad"}:
+        setattr(NoBiasGrad, n, getattr(EDLLinear(6, 4), n))
+    assert not isinstance(NoBiasGrad(), _fused.FusedLayer)

@@ -94,7 +94,7 @@ def audit(
     autoattack_warnings: Sequence[str] = (), plot_path: Optional[str] = None, seed: int = 0, verbose: bool = False,
     progress: Optional[Progress] = None, white_box_step_size: Optional[float] = None,
 ) -> Dict[str, Any]:
-    """The gradient-masking audit of ``../shared/docs/evaluation.md``. Returns its measurements and
+    """The gradient-masking audit of docs/evaluation.md. Returns its measurements and
     ``flags``: plain-words signs of masking (empty for an honest evaluation). Each attack's figure
     is kept in ``progress`` when one is given (see ``Progress``).
 

@@ -33,7 +33,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -68,6 +68,59 @@ _SIGNATURES = {
     "edl_dict": (None, [_p, _i64, _i64, _int, _p, _p, _p]),
     **{name + suffix: sig for name, sig in _ACT_SIGNATURES.items() for suffix in _SUFFIX.values()},
 }
+
+
+@runtime_checkable
+class FusedLayer(Protocol):
+    """What the fused path asks of an EDL layer: ``EDLConv2d`` and ``EDLLinear`` implement it, and
+    ``solve`` and ``usable`` take it. A new layer type (say a 1-D convolution) provides these and
+    gets the fused path; the eager solver needs only ``_analyze``, ``_synthesize``, ``_check_input``
+    and ``_power_shape``. ``tests/test_fused.py`` checks that both layers provide every member here
+    and that this module touches no member of a layer that is not here.
+
+    The fused node and the eager ``_Reweight`` node also share one convention on their autograd
+    context: ``ctx.edges[i]`` is the position of input i among the node's tensor inputs, which
+    ``wanted(ctx, i)`` uses to ask the engine whether input i's gradient is needed."""
+
+    weight: torch.Tensor  # the dictionary: the convolution's or linear layer's weight, float32
+    bias: Optional[torch.Tensor]
+    step_size: torch.Tensor  # 1 / ||D||^2 (power iteration), a buffer
+    lam: float  # the l1 weight of the elastic loss
+    eps: float  # the Huber floor of the reweighting
+    nonneg: bool  # codes clipped at zero (the fused path needs True)
+    bpda: bool  # a straight-through backward (the fused path needs False)
+    normalize_atoms: bool
+    normalize_input: bool
+    _analysis_takes_free_bias: bool  # whether _analyze can subtract the threshold as its bias
+
+    def _scalars(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(the analysis scale m, the reweighting's lerp weight), 0-d tensors."""
+
+    def _analyze(self, r: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """D^T r (a convolution, or a matrix product), plus ``bias``."""
+
+    def _synthesize(self, z: torch.Tensor, weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """D z, shaped like the input ``like``."""
+
+    def _analyze_backward(self, gv: torch.Tensor, p: torch.Tensor, weight: torch.Tensor, need_input: bool,
+                          need_weight: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The gradients of ``_analyze(p, weight)`` in p and weight, given the output's ``gv``."""
+
+    def _synthesize_backward(self, gq: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, like: torch.Tensor,
+                             need_weight: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The gradients of ``_synthesize(z, weight, like)`` in z and weight, given the output's ``gq``."""
+
+    def _block_size(self, x: torch.Tensor) -> int:
+        """Values per sample (convolution) or per row (linear) that the input RMS is taken over."""
+
+    def _bias_view(self, bias: torch.Tensor) -> torch.Tensor:
+        """The bias shaped to broadcast over the output."""
+
+    def _bias_block(self, bias: torch.Tensor, out: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+        """The bias laid out as one output sample in memory format ``fmt``, for the C passes."""
+
+    def _bias_grad(self, g: torch.Tensor) -> torch.Tensor:
+        """The bias's gradient from the output's gradient ``g``."""
 
 
 def _cpu_signature() -> str:
@@ -235,7 +288,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def usable(layer, x: torch.Tensor) -> bool:
+def usable(layer: FusedLayer, x: torch.Tensor) -> bool:
     """Whether ``layer``'s forward on ``x`` can take the fused path."""
     if not _enabled or is_fx_symbolic_tracing():  # first: under fx, x is a Proxy
         return False
@@ -298,7 +351,7 @@ def _ptrs(tensors):
     return (ctypes.c_void_p * max(1, len(tensors)))(*[t.data_ptr() for t in tensors])
 
 
-def solve(layer, x: torch.Tensor, num_iters: int) -> torch.Tensor:
+def solve(layer: FusedLayer, x: torch.Tensor, num_iters: int) -> torch.Tensor:
     """``layer``'s output for ``x`` (code, input normalisation and bias) through the fused node.
     Under CPU autocast to bfloat16 the input is cast first (as autocast casts a convolution's) and
     the output is bfloat16."""

@@ -267,7 +267,9 @@ class _EDLMixin:
     """The RISTA solver, shared by the conv and linear layers.
 
     Subclasses provide ``_analyze(r, weight, bias)``, ``_synthesize(z, weight, like)``,
-    ``_check_input(x)`` and ``_power_shape(x)``.
+    ``_check_input(x)`` and ``_power_shape(x)`` for the eager solver, and the rest of
+    ``_fused.FusedLayer`` (the backwards of the first two, the bias helpers, ``_block_size``) for
+    the fused CPU path.
     """
 
     # set by _init_edl
