@@ -26,14 +26,14 @@ from __future__ import annotations
 import copy
 import fnmatch
 import inspect
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch.nn as nn
 
 from .layers import EDL_MODES, EDLConv2d, EDLLinear, is_edl_layer
 
 __all__ = ["convert", "default_selection", "split_edl_args", "MODEL_MODES", "EDL_ARG_NAMES", "SELECTION_ARG_NAMES",
-           "convert_with_args", "edl_layer_defaults"]
+           "convert_with_args", "edl_layer_defaults", "apply_edl"]
 
 MODEL_MODES = EDL_MODES + ("none",)
 EDL_ARG_NAMES = ("num_iters", "lam", "beta_init", "eps", "nonneg", "normalize_atoms", "normalize_input")
@@ -162,3 +162,15 @@ def convert_with_args(model: nn.Module, mode: str, args: dict) -> nn.Module:
     args = dict(args)
     selection = {SELECTION_ARG_NAMES[k]: args.pop(k) for k in list(args) if k in SELECTION_ARG_NAMES}
     return convert(model, mode=mode, inplace=True, **selection, **args)
+
+
+def apply_edl(model: nn.Module, mode: str, edl_args: Optional[Dict[str, Any]]) -> None:
+    """Make ``model`` an EDL model in place by the families' rule, and record the EDL arguments in
+    ``model.edl_cfg`` (what a saved config needs to rebuild it)."""
+    edl_args = dict(edl_args or {})
+    if mode != "none":
+        # every layer argument, the defaults included: a saved config then rebuilds the layers its
+        # weights were trained with even if a default (or the default tag's arguments) changes
+        edl_args = {**edl_layer_defaults(), **edl_args}
+    model.edl_cfg = dict(mode=mode, **edl_args)
+    convert_with_args(model, mode, edl_args)

@@ -9,8 +9,9 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-__all__ = ["describe_subset", "load_image_split", "random_crop_flip", "random_subset", "select_subset"]
+__all__ = ["describe_subset", "fit_size", "load_image_split", "random_crop_flip", "random_subset", "select_subset"]
 
 
 def _load(dataset: str, split: str):
@@ -135,3 +136,17 @@ def random_crop_flip(images: torch.Tensor, padding: int = 4, generator: Optional
     return padded[
         torch.arange(n).view(n, 1, 1, 1), torch.arange(c).view(1, c, 1, 1), rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)
     ]
+
+
+def fit_size(images: torch.Tensor, size, chunk: int = 256) -> torch.Tensor:
+    """Resize uint8 images to the model's input size (timm's data config) when they differ, a
+    chunk at a time into a uint8 result: only a chunk is ever held in float (CIFAR's 50,000 at
+    224 px would be 30 GB of float32 at once, 7.5 GB as uint8)."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    out = torch.empty((*images.shape[:-2], *size), dtype=torch.uint8)
+    for a in range(0, len(images), chunk):
+        part = F.interpolate(images[a:a + chunk].float(), size=tuple(size), mode="bilinear", antialias=True,
+                             align_corners=False)
+        out[a:a + chunk] = part.round_().clamp_(0, 255)
+    return out

@@ -20,13 +20,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ._config import option
 from ._files import write_atomic
 from .attacks import Normalized, parse_eps, pgd, pgd_step_size
-from .convert import EDL_ARG_NAMES, MODEL_MODES, SELECTION_ARG_NAMES, convert_with_args
-from .data import load_image_split, random_crop_flip
+from .convert import EDL_ARG_NAMES, MODEL_MODES, SELECTION_ARG_NAMES, apply_edl, convert_with_args
+from .data import fit_size, load_image_split, random_crop_flip
 from .layers import edl_layers, fit_step_sizes
 from .objectives import TRAINING_OBJECTIVES, objective_loss
 
@@ -170,7 +169,6 @@ def _convert_model(model: nn.Module, mode: str, args: Dict[str, Any]) -> nn.Modu
     An ``edl_*`` model (the plain twin, ``mode=none``) records the new mode and arguments as its model
     arguments, so the saved folder rebuilds as an EDL model of its family. Any other timm model records
     them as ``edl_convert`` in its config.json, which ``edl_timm.hub.create_model`` applies on load."""
-    from .models._builder import apply_edl  # the model families import the hub machinery: only when asked
 
     if mode not in MODEL_MODES or mode == "none":
         raise TrainingInputError(f"--convert takes one of {', '.join(m for m in MODEL_MODES if m != 'none')}, got {mode!r}")
@@ -206,20 +204,6 @@ def _load_data(cfg: TrainConfig, split: str, subset: Optional[int], seed: int):
             f"cannot load data set {cfg.dataset!r} split {split!r} ({type(e).__name__}: {e}); give a local parquet "
             "folder (train.parquet/test.parquet), an image folder, or a Hub id cached for offline use (HF_DATASETS_OFFLINE=1)"
         ) from e
-
-
-def _fit_size(images: torch.Tensor, size, chunk: int = 256) -> torch.Tensor:
-    """Resize uint8 images to the model's input size (timm's data config) when they differ, a
-    chunk at a time into a uint8 result: only a chunk is ever held in float (CIFAR's 50,000 at
-    224 px would be 30 GB of float32 at once, 7.5 GB as uint8)."""
-    if tuple(images.shape[-2:]) == tuple(size):
-        return images
-    out = torch.empty((*images.shape[:-2], *size), dtype=torch.uint8)
-    for a in range(0, len(images), chunk):
-        part = F.interpolate(images[a:a + chunk].float(), size=tuple(size), mode="bilinear", antialias=True,
-                             align_corners=False)
-        out[a:a + chunk] = part.round_().clamp_(0, 255)
-    return out
 
 
 # ------------------------------------------------------------------------------------ the loop
@@ -644,7 +628,7 @@ def _prepare(cfg: TrainConfig) -> _Job:
     model = _build_model(cfg, cfg.num_classes or n_classes)
     data_cfg = model.pretrained_cfg
     size = tuple(data_cfg.get("input_size", (3,) + tuple(train_x.shape[-2:])))[-2:]
-    train_x, eval_x = _fit_size(train_x, size), _fit_size(eval_x, size)
+    train_x, eval_x = fit_size(train_x, size), fit_size(eval_x, size)
     if accelerator.device.type == "cuda":
         # decoded once into GPU memory (CIFAR-10's 50,000 images are 150 MB of uint8): each step's
         # gather, crop and flip run there, with the same host-side random draws, so the GPU and not

@@ -18,7 +18,7 @@ import torch
 
 from edl_timm._config import HelpFormatter, add_arguments
 from edl_timm.cpu import keep_freed_memory
-from edl_timm.training import ADV_OBJECTIVES, TrainConfig, TrainingInputError, train
+from edl_timm.training import TrainConfig, TrainingInputError, train
 
 
 def parse_kwargs(items):

@@ -13,7 +13,7 @@ import edl_timm.layers.edl as edl_module
 from edl_timm import EDLConv2d, EDLLinear
 from edl_timm.evaluation import pixel_model
 from edl_timm.layers import _fused
-from edl_timm.training import _fit_size
+from edl_timm.data import fit_size
 
 
 def test_pixel_model_puts_the_normalisation_where_the_model_is():
@@ -94,7 +94,7 @@ def test_fit_size_resizes_in_chunks_exactly_as_at_once():
     torch.manual_seed(0)
     images = torch.randint(0, 256, (37, 3, 12, 12), dtype=torch.uint8)
     whole = F.interpolate(images.float(), size=(20, 20), mode="bilinear", antialias=True, align_corners=False)
-    got = _fit_size(images, (20, 20), chunk=8)
+    got = fit_size(images, (20, 20), chunk=8)
     assert got.dtype == torch.uint8 and torch.equal(got, whole.round().clamp(0, 255).to(torch.uint8))
 
 

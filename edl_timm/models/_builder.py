@@ -1,14 +1,12 @@
 """Shared pieces of the EDL model families: the pretrained-config template and the builder."""
 import contextlib
 import logging
-from typing import Any, Dict, Optional
-
-import torch.nn as nn
+from typing import Any, Dict
 
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._builder import resolve_pretrained_cfg
 
-from ..convert import convert_with_args, edl_layer_defaults, split_edl_args
+from ..convert import apply_edl, split_edl_args
 from ..hub import (
     WeightsUnavailableError, check_checkpoint_folder, hub_access, hub_model_args, pretrained_cfgs_for, release_folder,
     translate_load_errors,
@@ -50,18 +48,6 @@ def generate_edl_default_cfgs(base_cfgs: Dict[str, Dict[str, Any]]):
     config per ``hub_configs/`` file of its architectures (each built on its architecture's base)."""
     published = pretrained_cfgs_for(list(base_cfgs), lambda arch: base_cfgs[arch])
     return generate_default_cfgs({**base_cfgs, **published})
-
-
-def apply_edl(model: nn.Module, mode: str, edl_args: Optional[Dict[str, Any]]) -> None:
-    """Make ``model`` an EDL model in place by the families' rule, and record the EDL arguments in
-    ``model.edl_cfg`` (what a saved config needs to rebuild it)."""
-    edl_args = dict(edl_args or {})
-    if mode != "none":
-        # every layer argument, the defaults included: a saved config then rebuilds the layers its
-        # weights were trained with even if a default (or the default tag's arguments) changes
-        edl_args = {**edl_layer_defaults(), **edl_args}
-    model.edl_cfg = dict(mode=mode, **edl_args)
-    convert_with_args(model, mode, edl_args)
 
 
 def _has_weights(cfg) -> bool:
