@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
@@ -64,6 +64,12 @@ def metrics_from_report(report: Dict[str, Any]) -> List[Dict[str, Any]]:
     return out
 
 
+def _main(m: Dict[str, Any], cfg: Dict[str, Any]) -> bool:
+    """Whether metric ``m`` is of the release's own threat model (clean counts as every model's)."""
+    tm = cfg["threat_model"]
+    return m["attack"] == "clean" or (m.get("norm") == tm["norm"] and abs(float(m.get("eps", -1)) - float(tm["eps"])) < 1e-9)
+
+
 def _describe(m: Dict[str, Any]) -> str:
     if m["attack"] == "clean":
         return "clean"
@@ -112,8 +118,34 @@ def _sentence(text: str) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-def model_card(cfg: Dict[str, Any], report: Dict[str, Any], args: Dict[str, Any]) -> str:
-    """The model card README.md: YAML front matter (``library_name: timm``, model-index) and body."""
+def _other_results(extra: Sequence[Dict[str, Any]]) -> str:
+    """The card's section for the reports beside the main one: other norms, and corruptions."""
+    if not extra:
+        return ""
+    lines = ["", "", "### Other threat models and common corruptions", ""]
+    attacks = [r for r in extra if r["schema"] == "edl-timm/eval-report/1"]
+    if attacks:
+        lines += ["| threat model | attack | n | accuracy (%) |", "|---|---|---|---|"]
+        for r in attacks:
+            tm = f"{r['threat_model']['norm']} eps={_eps_str(r['threat_model']['eps'])}"
+            lines += [f"| {tm} | {describe_attack(x['attack'], x.get('settings'))} | {x['n']} | {x['accuracy']:.2f} |"
+                      for x in r["results"] if x["attack"] != "clean"]
+            lines.append(f"| {tm} | robust (min over attacks) | {r['data']['n']} | {r['robust_accuracy']:.2f} |")
+        lines.append("")
+    for r in (r for r in extra if r["schema"] == "edl-timm/corruption-report/1"):
+        sev = sorted({x["severity"] for x in r["results"]})
+        lines += [f"Accuracy (%) under common corruptions, n={r['data']['n']}, {r['data']['corruptions']}; clean "
+                  f"{r['clean']:.2f}, mean over corruptions and severities {sev[0]}-{sev[-1]}: **{r['mean']:.2f}**.", "",
+                  "| corruption | mean over severities |", "|---|---|"]
+        lines += [f"| {c} | {v:.2f} |" for c, v in r["per_corruption"].items()]
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def model_card(cfg: Dict[str, Any], report: Dict[str, Any], args: Dict[str, Any],
+               extra: Sequence[Dict[str, Any]] = ()) -> str:
+    """The model card README.md: YAML front matter (``library_name: timm``, model-index) and body;
+    ``extra``: reports beside the main one (other norms, corruptions) for their own section."""
     name = f"{cfg['architecture']}.{cfg['tag']}"
     data_note = cfg["dataset"].get("note", "")
     front = {
@@ -136,7 +168,7 @@ def model_card(cfg: Dict[str, Any], report: Dict[str, Any], args: Dict[str, Any]
         }],
     }
     rows = "\n".join(
-        f"| {_describe(m)} | {m['n']} | {m['accuracy']:.2f} |" for m in cfg["metrics"]
+        f"| {_describe(m)} | {m['n']} | {m['accuracy']:.2f} |" for m in cfg["metrics"] if _main(m, cfg)
     )
     attacked = report["data"].get("selection", "first n images")
     chosen = {m.get("selection") for m in cfg["metrics"] if m.get("selection")}
@@ -199,14 +231,14 @@ model, eps = {_eps_str(report['threat_model']['eps'])}; attacks in [0, 1] pixel 
 |---|---|---|
 {rows}
 
-Robust accuracy (minimum over all attacks): **{report['robust_accuracy']:.2f}%**. {audit_text}{plot}
+Robust accuracy (minimum over all attacks): **{report['robust_accuracy']:.2f}%**. {audit_text}{plot}{_other_results(extra)}
 
 ## Limitations
 
 - {data_note or 'See the data set card.'}
 - Robust accuracy is measured on {report['data']['n']} test images, not RobustBench's 10,000; treat differences of about
   {100 / max(report['data']['n'], 1) ** 0.5:.1f} points as noise.
-- Robustness holds only for the stated threat model; it says nothing about other norms, larger eps or corruptions.
+- {"Robustness is measured only for the threat models and corruptions above; it says nothing about others or larger eps." if extra else "Robustness holds only for the stated threat model; it says nothing about other norms, larger eps or corruptions."}
 
 ## Citation
 
@@ -229,12 +261,16 @@ def build_release(
     dataset_note: Optional[str] = None,
     notes: str = "",
     replace_hub_config: bool = False,
+    extra_reports: Sequence[Dict[str, Any]] = (),
 ) -> Dict[str, Any]:
     """Write the Hub-ready folder ``output_dir`` (model.safetensors, config.json, README.md,
     eval_report.json) and the ``hub_configs`` file (into ``hub_configs_dir``, or, without it, into
     the release folder); returns the hub config. Nothing is written when any check fails: an
     existing release folder is refused, and an existing hub config of the same architecture and tag
-    is replaced only with ``replace_hub_config``."""
+    is replaced only with ``replace_hub_config``. ``extra_reports``: evaluation reports of other
+    threat models and corruption reports of the same weights, kept in the folder
+    (``eval_report_<norm>_<eps>.json``, ``corruption_report.json``), on the card, and (the attacks'
+    figures) in the hub config's metrics."""
     train_dir, output_dir = Path(train_dir), Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise FileExistsError(f"{output_dir} is not an empty folder: choose a new --output-dir (nothing was overwritten)")
@@ -248,6 +284,7 @@ def build_release(
             f"the evaluation report is for weights {report['model'].get('weights_sha256')}, but {weights} has sha256 "
             f"{digest}: evaluate these weights (scripts/evaluate.py --model {train_dir}) before publishing them"
         )
+    extra_names = _extra_report_names(report, extra_reports, digest)
     arch = config["architecture"]
     args = json.loads((train_dir / "args.json").read_text()) if (train_dir / "args.json").exists() else {}
     dataset_id = dataset_id or report["data"]["dataset"]
@@ -268,7 +305,9 @@ def build_release(
         "recipe": {k: args[k] for k in ("adv", "eps", "alpha", "steps", "epochs", "max_steps", "batch_size", "lr", "optimizer",
                                         "momentum", "schedule", "warmup_epochs", "peak_momentum", "weight_decay", "elastic_from_epoch", "mixed_precision", "train_subset",
                                         "seed") if k in args} or {"note": "no args.json in the training output"},
-        "metrics": metrics_from_report(report),
+        "metrics": metrics_from_report(report) + [
+            m for r in extra_reports if r["schema"] == "edl-timm/eval-report/1" for m in metrics_from_report(r)
+            if m["attack"] != "clean"],
         "license": license,
         "notes": notes,
     }
@@ -300,7 +339,9 @@ def build_release(
             audit["plot"] = PLOT_NAME
         report = dict(report, audit=audit)
     (partial / "eval_report.json").write_text(json.dumps(report, indent=2))
-    (partial / "README.md").write_text(model_card(cfg, report, args))
+    for name, extra in zip(extra_names, extra_reports):
+        (partial / name).write_text(json.dumps(extra, indent=2))
+    (partial / "README.md").write_text(model_card(cfg, report, args, extra_reports))
     if not hub_configs_dir:
         (partial / cfg_name).write_text(cfg_text)
     if output_dir.exists():
@@ -311,6 +352,31 @@ def build_release(
         cfg_path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(cfg_path, cfg_text)
     return cfg
+
+
+def _extra_report_names(report: Dict[str, Any], extra: Sequence[Dict[str, Any]], digest: str) -> List[str]:
+    """The file name of each extra report in the release, once each is checked: the same weights
+    as the release, a kind the card shows, and no two of the same threat model (or two corruption
+    reports)."""
+    names, seen = [], {(report["threat_model"]["norm"], float(report["threat_model"]["eps"]))}
+    for i, r in enumerate(extra):
+        kind = r.get("schema")
+        if kind not in ("edl-timm/eval-report/1", "edl-timm/corruption-report/1"):
+            raise ValueError(f"extra report {i + 1} is neither an evaluation nor a corruption report (schema {kind!r})")
+        if r["model"].get("weights_sha256") != digest:
+            raise CheckpointError(f"extra report {i + 1} is for weights {r['model'].get('weights_sha256')}, not these "
+                                  f"({digest}): evaluate the released weights")
+        if kind == "edl-timm/corruption-report/1":
+            key, name = ("corruptions",), "corruption_report.json"
+        else:
+            tm = r["threat_model"]
+            key, name = (tm["norm"], float(tm["eps"])), f"eval_report_{tm['norm']}_{tm['eps']:g}.json".replace("/", "_")
+        if key in seen:
+            raise ValueError(f"extra report {i + 1} repeats {'a corruption report' if key == ('corruptions',) else key}: "
+                             "give each threat model once")
+        seen.add(key)
+        names.append(name)
+    return names
 
 
 def upload_release(folder: os.PathLike, repo_id: str, token: Optional[str] = None, private: bool = False,

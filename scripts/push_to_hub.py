@@ -19,7 +19,7 @@ from pathlib import Path
 
 import jsonschema
 
-from edl_timm.evaluation import validate_report
+from edl_timm.evaluation import validate_corruption_report, validate_report
 from edl_timm.hub import CheckpointError
 from edl_timm.publish import build_release, upload_release
 
@@ -28,6 +28,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--train-dir", required=True, help="training output: model.safetensors + config.json (+ args.json)")
     p.add_argument("--eval-report", required=True, help="scripts/evaluate.py's JSON report for these weights")
+    p.add_argument("--extra-reports", nargs="+", default=[], metavar="REPORT",
+                   help="reports of the same weights beside --eval-report: evaluate.py reports of other norms "
+                        "(--norm L2, L1) and corruption reports (--corruptions), shown on the card and kept in the folder")
     p.add_argument("--tag", required=True, help="timm tag, e.g. cifar10_fgsm_at")
     p.add_argument("--repo-id", default=None, help="default: edl-timm/<architecture>.<tag>")
     p.add_argument("--default", action="store_true", help="make this the architecture's default tag")
@@ -55,11 +58,24 @@ def main(argv=None):
         print(f"error: --eval-report {args.eval_report} is not an evaluation report of scripts/evaluate.py "
               f"({str(e).splitlines()[0]})", file=sys.stderr)
         return 2
+    extra = []
+    for path in args.extra_reports:
+        try:
+            r = json.loads(Path(path).read_text())
+            (validate_corruption_report if r.get("schema") == "edl-timm/corruption-report/1" else validate_report)(r)
+        except FileNotFoundError:
+            print(f"error: --extra-reports {path} does not exist", file=sys.stderr)
+            return 2
+        except (ValueError, AttributeError, jsonschema.ValidationError) as e:
+            print(f"error: --extra-reports {path} is not a report of scripts/evaluate.py ({str(e).splitlines()[0]})",
+                  file=sys.stderr)
+            return 2
+        extra.append(r)
     out = Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix="edl_release_"))
     try:
         cfg = build_release(args.train_dir, report, out, args.tag, repo_id=args.repo_id, hub_configs_dir=args.hub_configs_dir,
                             default=args.default, license=args.license, notes=args.notes, dataset_id=args.dataset_id,
-                            replace_hub_config=args.replace_hub_config)
+                            replace_hub_config=args.replace_hub_config, extra_reports=extra)
     except (CheckpointError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -196,6 +196,43 @@ def test_card_says_what_the_model_and_its_training_are_and_ships_the_audit_plot(
             "model's class on only 30.0% of the clean images: it is another function.") in (tmp_path / "noted" / "README.md").read_text()
 
 
+def test_a_release_shows_other_norms_and_corruptions_beside_its_own_threat_model(release, tmp_path):
+    """Extra reports of the same weights land in the folder, on the card (their own section: the main
+    table keeps the release's threat model) and, the attacks', in the hub config's metrics; reports of
+    other weights, or two of one threat model, are refused with nothing written."""
+    from edl_timm.evaluation import evaluate_corruptions
+
+    model, _, _, _ = release
+    train_dir = tmp_path / "train"
+    digest = hub.sha256_file(train_dir / "model.safetensors")
+    torch.manual_seed(1)
+    x = torch.rand(8, 3, 32, 32)
+    y = model(x).argmax(1)
+    data = {"dataset": "uoft-cs/cifar10", "split": "test", "selection": "8 random tensors"}
+    main = evaluate(model, x, y, source=str(train_dir), autoattack=None, pgd_steps=2, weights_sha256=digest, data=data)
+    l2 = evaluate(model, x, y, source=str(train_dir), norm="L2", autoattack=None, pgd_steps=2, weights_sha256=digest, data=data)
+    xu = (x * 255).to(torch.uint8)
+    corr = evaluate_corruptions(model, xu, y, source=str(train_dir), corruptions=["contrast"], severities=[1, 5],
+                                weights_sha256=digest, data=data)
+    out = tmp_path / "with_extra"
+    cfg = build_release(train_dir, main, out, "extra", extra_reports=[l2, corr])
+    assert json.loads((out / "eval_report_L2_0.5.json").read_text()) == l2
+    assert json.loads((out / "corruption_report.json").read_text()) == corr
+    l2_pgd = next(r for r in l2["results"] if r["attack"] == "pgd")
+    assert any(m.get("norm") == "L2" and m["accuracy"] == round(l2_pgd["accuracy"], 2) for m in cfg["metrics"])
+    card = (out / "README.md").read_text()
+    main_table = card.split("### Other threat models")[0].split("## Results")[1]
+    assert "L2" not in main_table and "Linf eps=8/255" in main_table
+    other = card.split("### Other threat models and common corruptions")[1]
+    assert f"| L2 eps=0.5 | PGD-2, 1 restart(s) | 8 | {l2_pgd['accuracy']:.2f} |" in other
+    assert f"| contrast | {corr['per_corruption']['contrast']:.2f} |" in other and "not the published CIFAR-10-C" in other
+    stranger = dict(l2, model=dict(l2["model"], weights_sha256="0" * 64))
+    for bad, message in [([stranger], "extra report 1 is for weights 000"), ([l2, l2], "extra report 2 repeats")]:
+        with pytest.raises((hub.CheckpointError, ValueError), match=message):
+            build_release(train_dir, main, tmp_path / "refused", "refused", extra_reports=bad)
+        assert not (tmp_path / "refused").exists()
+
+
 def test_release_refuses_weights_that_were_not_evaluated(release, tmp_path):
     _, out, _, _ = release
     report = json.loads((out / "eval_report.json").read_text())
