@@ -4,6 +4,7 @@ whole benchmark runs on a tiny model and its twin."""
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -29,3 +30,29 @@ def test_the_benchmark_reports_each_layers_gain_under_both(tiny_run, cifar_dir):
     assert result["layers"] and {"sparse_gain", "dense_gain", "l1_share_clean"} <= set(result["layers"][0])
     assert 0 <= result["sparse"] <= 100 and 0 <= result["dense"] <= 100
     assert "sparse gain" in edl_diagnostics._table(result)
+
+
+def test_the_paired_table_is_the_mean_seed_difference_with_a_t_interval(tmp_path):
+    """Three seeds with known figures: the table's difference and interval, computed by hand."""
+    import json
+    import math
+
+    import paired_table
+
+    def report(folder, clean, apgd):
+        folder.mkdir(parents=True)
+        (folder / "eval_Linf.json").write_text(json.dumps({"results": [
+            {"attack": "clean", "accuracy": clean}, {"attack": "autoattack", "accuracy": apgd}]}))
+
+    twin = {0: (40.0, 20.0), 1: (42.0, 21.0), 2: (41.0, 23.0)}
+    edl = {0: (41.0, 23.0), 1: (44.0, 22.0), 2: (41.0, 27.0)}
+    for s in twin:
+        report(tmp_path / f"s{s}" / "twin", *twin[s])
+        report(tmp_path / f"s{s}" / "edl", *edl[s])
+    d = paired_table.paired(tmp_path, "edl", "twin")
+    diffs = [3.0, 1.0, 4.0]  # APGD-CE, edl - twin per seed
+    sd = math.sqrt(sum((x - 8 / 3) ** 2 for x in diffs) / 2)
+    assert d["Linf APGD-CE"]["diff"] == pytest.approx(8 / 3)
+    assert d["Linf APGD-CE"]["half_width"] == pytest.approx(4.302653 * sd / math.sqrt(3), rel=1e-5)
+    assert d["clean"]["diff"] == pytest.approx(1.0) and d["clean"]["seeds"] == 3
+    assert "| Linf APGD-CE | 21.3 | +2.7 ± " in paired_table.table(tmp_path, "twin", None)

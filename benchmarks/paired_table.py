@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""The paired, multi-seed table of recipes/seed_study.sh: each variant's difference from its twin.
+
+For every seed folder ``ROOT/s<seed>/`` holding the twin and a variant, each metric of the variant
+minus the same metric of the twin of that seed (same data order, same test images, same attack
+seeds): the mean over seeds, and a 95% interval from Student's t over the seeds (the spread of
+whole training runs, the noise a single run cannot show). A difference whose interval excludes 0
+is marked. Metrics: clean, PGD-20 and APGD-CE at each norm measured (L-inf, L2, L1), the mean
+under each corruption (severities pooled) and over all corruptions.
+
+    python benchmarks/paired_table.py runs/seeds [--twin twin] [--natural-twin twin_nat] [--json out.json]
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+NORMS = ("Linf", "L2", "L1")
+
+
+def t_quantile_975(df: int) -> float:
+    """Student's t 0.975 quantile (scipy's, which the project already depends on)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
+
+
+def metrics_of(run: Path) -> Dict[str, float]:
+    """One run's figures, by metric name."""
+    out: Dict[str, float] = {}
+    for norm in NORMS:
+        f = run / f"eval_{norm}.json"
+        if not f.exists():
+            continue
+        report = json.loads(f.read_text())
+        for r in report["results"]:
+            if r["attack"] == "clean":
+                out.setdefault("clean", r["accuracy"])
+            elif r["attack"] in ("pgd", "autoattack"):
+                out[f"{norm} {'PGD-20' if r['attack'] == 'pgd' else 'APGD-CE'}"] = r["accuracy"]
+    f = run / "corruptions.json"
+    if f.exists():
+        report = json.loads(f.read_text())
+        for c, v in report["per_corruption"].items():
+            out[f"corr {c}"] = v
+        out["corr mean"] = report["mean"]
+    return out
+
+
+def paired(root: Path, variant: str, twin: str) -> Dict[str, Dict[str, float]]:
+    """Per metric: the mean paired difference over seeds, its 95% half-width, and the seeds used."""
+    diffs: Dict[str, List[float]] = {}
+    for seed_dir in sorted(root.glob("s*")):
+        a, b = metrics_of(seed_dir / variant), metrics_of(seed_dir / twin)
+        for k in a.keys() & b.keys():
+            diffs.setdefault(k, []).append(a[k] - b[k])
+    out = {}
+    for k, d in diffs.items():
+        mean = sum(d) / len(d)
+        if len(d) > 1:
+            sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
+            half = t_quantile_975(len(d) - 1) * sd / math.sqrt(len(d))
+        else:
+            half = float("nan")
+        out[k] = {"diff": mean, "half_width": half, "seeds": len(d)}
+    return out
+
+
+def absolute(root: Path, run: str) -> Dict[str, float]:
+    """The run's own figures, the mean over seeds."""
+    per = [metrics_of(s / run) for s in sorted(root.glob("s*")) if (s / run).exists()]
+    keys = set().union(*per) if per else set()
+    return {k: sum(p[k] for p in per if k in p) / sum(1 for p in per if k in p) for k in keys}
+
+
+def _order(keys):
+    head = ["clean"] + [f"{n} {a}" for n in NORMS for a in ("PGD-20", "APGD-CE")]
+    return [k for k in head if k in keys] + sorted(k for k in keys if k.startswith("corr ") and k != "corr mean") + (
+        ["corr mean"] if "corr mean" in keys else [])
+
+
+def table(root: Path, twin: str, natural_twin: Optional[str]) -> str:
+    runs = sorted({p.name for s in root.glob("s*") for p in s.iterdir() if p.is_dir()})
+    base = absolute(root, twin)
+    keys = _order(base)
+    lines = [f"| metric | {twin} (mean) | " + " | ".join(r for r in runs if r not in (twin, natural_twin)) + " |",
+             "|---|---|" + "---|" * sum(1 for r in runs if r not in (twin, natural_twin))]
+    cols = {}
+    for r in runs:
+        if r in (twin, natural_twin):
+            continue
+        ref = natural_twin if r.endswith("_nat") and natural_twin else twin
+        cols[r] = paired(root, r, ref)
+    for k in keys:
+        cells = []
+        for r, d in cols.items():
+            if k not in d:
+                cells.append("")
+                continue
+            x = d[k]
+            sig = "**" if not math.isnan(x["half_width"]) and abs(x["diff"]) > x["half_width"] else ""
+            cells.append(f"{sig}{x['diff']:+.1f} ± {x['half_width']:.1f}{sig}")
+        lines.append(f"| {k} | {base[k]:.1f} | " + " | ".join(cells) + " |")
+    seeds = sorted(s.name for s in root.glob("s*"))
+    note = (f"Each cell: the variant minus its twin of the same seed ({twin}; `_nat` variants minus {natural_twin}), "
+            f"mean over seeds {', '.join(seeds)} ± the 95% t interval over seeds; **bold**: the interval excludes 0.")
+    return "\n".join(lines) + "\n\n" + note
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("root")
+    p.add_argument("--twin", default="twin")
+    p.add_argument("--natural-twin", default="twin_nat")
+    p.add_argument("--json", default=None, help="also write every paired difference as JSON")
+    args = p.parse_args(argv)
+    root = Path(args.root)
+    if not any(root.glob("s*")):
+        print(f"error: no seed folders (s0, s1, ...) in {root}: run recipes/seed_study.sh {root} first", file=sys.stderr)
+        return 2
+    print(table(root, args.twin, args.natural_twin))
+    if args.json:
+        runs = sorted({q.name for s in root.glob("s*") for q in s.iterdir() if q.is_dir()})
+        out = {r: paired(root, r, args.natural_twin if r.endswith("_nat") else args.twin) for r in runs
+               if r not in (args.twin, args.natural_twin)}
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
