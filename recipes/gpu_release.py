@@ -90,6 +90,17 @@ def train(name, arch, kwargs, epochs, work, cfg, dataset, timeout, extra=()):
     return out
 
 
+def halve_weights(run_dir: Path) -> None:
+    """The run's weights stored in float16, in place, before it is evaluated: what is published is
+    what was measured. Loading casts them back to float32 (timm's load_state_dict copies into the
+    model's float32 parameters); benchmarks/half_precision.py measures what the rounding costs."""
+    from safetensors.torch import load_file, save_file
+
+    f = run_dir / "model.safetensors"
+    state = load_file(f)
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, f, metadata={"format": "pt"})
+
+
 def images_per_s(run_dir: Path) -> float:
     return float(json.loads((run_dir / "metrics.json").read_text())["images_per_s"])
 
@@ -204,6 +215,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-epochs", type=int, default=30)
     p.add_argument("--n", type=int, default=1000, help="images for PGD-20, AutoAttack and the audit")
     p.add_argument("--part-mib", type=float, default=15.0)
+    p.add_argument("--weights-dtype", choices=["float32", "float16"], default="float32",
+                   help="how the released weights are stored; float16 halves them (WRN-28-10: 146 -> 73 MB), and the "
+                        "evaluation measures the float16 weights")
+    p.add_argument("--send-from", type=int, default=None, metavar="K",
+                   help="a second call on the same warm machine: copy the packed files K..K+7 of the last call to --out")
     p.add_argument("--dry-run", action="store_true", help="the CPU, tiny settings: every step in a few minutes")
     p.add_argument("--unpack", type=Path, help="reassemble packed files from this folder (here, after the call)")
     p.add_argument("--releases", type=Path, default=ROOT / "releases")
@@ -215,6 +231,8 @@ def main(argv=None) -> int:
         return 0
     if not args.out:
         p.error("--out is required (or --unpack)")
+    if args.send_from is not None:
+        return send(args.work / "packed", args.out, args.send_from)
     if not Path(args.data, "train.parquet").exists():
         p.error(f"--data {args.data} has no train.parquet: carry the CIFAR-10 parquet there (recipes/README.md)")
     cfg = settings(args)
@@ -234,7 +252,10 @@ def main(argv=None) -> int:
     log(f"{per_epoch:.0f} s per epoch of the pair: {epochs} epochs in {train_s:.0f} s")
     # 2. the pair: the twin first (the EDL model's audit attacks from it)
     twin = train("twin", args.arch, ["mode=none"], epochs, args.work, cfg, args.data, budget.left() / 2)
-    edl = train("edl", args.arch, args.edl_kwargs, epochs, args.work, cfg, args.data, budget.left() * 0.75)
+    train("edl", args.arch, args.edl_kwargs, epochs, args.work, cfg, args.data, budget.left() * 0.75)
+    if args.weights_dtype == "float16":
+        for name in ("twin", "edl"):
+            halve_weights(args.work / name)
     # 3. the protocol, standard AutoAttack if the time left allows about 3 minutes per model
     # (the dry run takes the shorter branch: standard AutoAttack's FAB-T and Square take many CPU minutes)
     version = "standard" if budget.left() > 360 and not args.dry_run else "custom"
@@ -244,16 +265,34 @@ def main(argv=None) -> int:
     # 4. release folders, packed
     recipe_tag = f"cifar10_nfgsm{epochs}"
     notes = (f"Trained on one GPU by recipes/gpu_release.py: N-FGSM, the triangle schedule, {epochs} epochs, "
-             "the twin and the EDL model with the same recipe, seed and data order.")
+             "the twin and the EDL model with the same recipe, seed and data order."
+             + (" The weights are stored in float16 (and were evaluated so)." if args.weights_dtype == "float16" else ""))
+    packed = args.work / "packed"
+    packed.mkdir()
     written = []
     for name, tag, default in (("twin", f"{recipe_tag}_twin", False), ("edl", recipe_tag, False)):
         folder = release(name, args.arch, tag, args.work, notes, default, max(budget.left(), 60))
-        written += pack(folder, args.work / name, args.out, args.part_mib)
+        written += pack(folder, args.work / name, packed, args.part_mib)
     for f in written:
         log(f"packed {f.name} ({f.stat().st_size / 2**20:.1f} MiB)")
-    if len(written) > 8 or any(f.stat().st_size > 16 * 2**20 for f in written):
-        log("warning: more than the device tool brings back in one call (8 files of 16 MiB): fetch in two calls")
+    send(packed, args.out, 0)
     log(f"done, {budget.left():.0f} s of the budget left")
+    return 0
+
+
+def send(packed: Path, out: Path, first: int, per_call: int = 8) -> int:
+    """Copy the packed files first..first+per_call-1 (sorted by name) to out: one call of the device
+    tool brings back at most 8 files; the rest wait on the warm machine for a call with --send-from."""
+    files = sorted(packed.iterdir())
+    if first >= len(files):
+        raise SystemExit(f"stopped: --send-from {first}, but {packed} holds {len(files)} packed files")
+    for f in files[first:first + per_call]:
+        shutil.copyfile(f, out / f.name)
+        log(f"sent {f.name}")
+    rest = len(files) - (first + per_call)
+    if rest > 0:
+        log(f"{rest} packed file(s) left: call again at once (the machine goes back when idle) with --send-from "
+            f"{first + per_call}")
     return 0
 
 

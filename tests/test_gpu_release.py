@@ -20,14 +20,26 @@ ROOT = Path(__file__).resolve().parents[1]
                     "minutes) runs with EDL_TIMM_GPU_DRY_RUN=1, before a GPU call: CI's 30 minutes are spent elsewhere")
 def test_dry_run_trains_evaluates_packs_and_unpacks_the_pair(cifar_dir, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    done = subprocess.run([sys.executable, str(ROOT / "recipes" / "gpu_release.py"), "--dry-run", "--out", out,
-                           "--work", work, "--data", cifar_dir, "--part-mib", "0.1"], capture_output=True, text=True,
-                          timeout=1500)
+    script = [sys.executable, str(ROOT / "recipes" / "gpu_release.py")]
+    done = subprocess.run([*script, "--dry-run", "--out", out, "--work", work, "--data", cifar_dir, "--part-mib", "0.05",
+                           "--weights-dtype", "float16"], capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # one call brings back 8 files; the rest come with --send-from, call after call
+    assert len(list(out.iterdir())) == 8 and "--send-from 8" in done.stdout
+    sent = 8
+    while "call again at once" in done.stdout:
+        done = subprocess.run([*script, "--out", out, "--work", work, "--send-from", str(sent)], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        sent += 8
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (work / "packed").iterdir())
+    from safetensors.torch import load_file
+
+    assert {v.dtype for v in load_file(work / "edl" / "model.safetensors").values() if v.is_floating_point()} == {torch.float16}
     tars = sorted(p.name for p in out.glob("*.tar"))
     assert tars == ["edl_resnet18.cifar10_nfgsm1.tar", "edl_resnet18.cifar10_nfgsm1_twin.tar"]
     parts = sorted(out.glob("edl_resnet18.cifar10_nfgsm1.safetensors.part*"))
-    assert len(parts) > 1 and all(p.stat().st_size <= 0.1 * 2**20 for p in parts)  # split, each within the limit
+    assert len(parts) > 1 and all(p.stat().st_size <= 0.05 * 2**20 for p in parts)  # split, each within the limit
     report = json.loads((work / "edl" / "eval_report.json").read_text())
     assert {r["attack"] for r in report["results"]} >= {"clean", "pgd", "autoattack", "transfer"}
     assert report["results"][0]["n"] == 64 and report["results"][1]["n"] == 32
