@@ -69,7 +69,9 @@ class Budget:
 def settings(args):
     """What differs between the real call and the CPU dry run: the scale, never the steps."""
     if args.dry_run:
-        return dict(device="cpu", model_kwargs=["layers=(1,1,1,1)", "channels=(16,32,64,128)"],
+        return dict(device="cpu", model_kwargs={"default": ["layers=(1,1,1,1)", "channels=(16,32,64,128)"],
+                                                "edl_vit_tiny_patch4_32": ["depth=1", "embed_dim=48", "num_heads=2"],
+                                                "edl_wide_resnet28_10": ["depth=10", "widen_factor=1"]},
                     data=["--train-subset", "256", "--eval-subset", "32"], n_train=256, probe_steps=4, n=32,
                     clean_n="64", max_epochs=1, precision="bf16")
     return dict(device="cuda", model_kwargs=[], data=[], n_train=50000, probe_steps=60, n=args.n, clean_n="all",
@@ -209,6 +211,9 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(ROOT / ".data" / "cifar10"), help="the CIFAR-10 parquet folder (carried)")
     p.add_argument("--arch", default="edl_resnet18", help="edl_resnet18, edl_vit_tiny_patch4_32, edl_wide_resnet28_10")
     p.add_argument("--edl-kwargs", nargs="*", default=["num_iters=1"], help="the EDL model's arguments")
+    p.add_argument("--also-arch", default=None, help="a second pair after the first, if the budget still fits one epoch "
+                   "of it and its evaluation (e.g. edl_vit_tiny_patch4_32)")
+    p.add_argument("--also-edl-kwargs", nargs="*", default=["num_iters=1"], help="the second EDL model's arguments")
     p.add_argument("--budget-s", type=float, default=None, help="seconds this script may take (default 480: the "
                    "call's 9 minutes less the machine's start; 1500 for --dry-run on a CPU that may be busy)")
     p.add_argument("--eval-share", type=float, default=0.4, help="share of the budget kept for evaluation and packing")
@@ -242,42 +247,62 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     smoke(cfg, budget)
-    # 1. a timed run of each model (also the first training step on the device: it fails here, early)
-    probe = ["--max-steps", str(cfg["probe_steps"])]
-    twin_probe = train("probe_twin", args.arch, ["mode=none"], 1, args.work, cfg, args.data, budget.left(), probe)
-    edl_probe = train("probe_edl", args.arch, args.edl_kwargs, 1, args.work, cfg, args.data, budget.left(), probe)
-    per_epoch = cfg["n_train"] / images_per_s(twin_probe) + cfg["n_train"] / images_per_s(edl_probe)
-    train_s = budget.left() * (1 - args.eval_share)
-    epochs = max(1, min(cfg["max_epochs"], int(train_s / (per_epoch * 1.1))))  # 10% for the per-epoch evaluation
-    log(f"{per_epoch:.0f} s per epoch of the pair: {epochs} epochs in {train_s:.0f} s")
-    # 2. the pair: the twin first (the EDL model's audit attacks from it)
-    twin = train("twin", args.arch, ["mode=none"], epochs, args.work, cfg, args.data, budget.left() / 2)
-    train("edl", args.arch, args.edl_kwargs, epochs, args.work, cfg, args.data, budget.left() * 0.75)
-    if args.weights_dtype == "float16":
-        for name in ("twin", "edl"):
-            halve_weights(args.work / name)
-    # 3. the protocol, standard AutoAttack if the time left allows about 3 minutes per model
-    # (the dry run takes the shorter branch: standard AutoAttack's FAB-T and Square take many CPU minutes)
-    version = "standard" if budget.left() > 360 and not args.dry_run else "custom"
-    log(f"AutoAttack {'standard' if version == 'standard' else 'APGD-CE + APGD-T'}: {budget.left():.0f} s left")
-    evaluate("twin", args.work, cfg, args.data, version, None, budget.left() / 2)
-    evaluate("edl", args.work, cfg, args.data, version, twin, budget.left())
-    # 4. release folders, packed
-    recipe_tag = f"cifar10_nfgsm{epochs}"
-    notes = (f"Trained on one GPU by recipes/gpu_release.py: N-FGSM, the triangle schedule, {epochs} epochs, "
-             "the twin and the EDL model with the same recipe, seed and data order."
-             + (" The weights are stored in float16 (and were evaluated so)." if args.weights_dtype == "float16" else ""))
     packed = args.work / "packed"
     packed.mkdir()
-    written = []
-    for name, tag, default in (("twin", f"{recipe_tag}_twin", False), ("edl", recipe_tag, False)):
-        folder = release(name, args.arch, tag, args.work, notes, default, max(budget.left(), 60))
-        written += pack(folder, args.work / name, packed, args.part_mib)
+    written = make_pair(args, cfg, args.arch, args.edl_kwargs, "", budget, budget.left(), packed)
+    if args.also_arch:
+        # the second pair only when its timed runs and one epoch each plus the protocol fit what is left
+        written += make_pair(args, cfg, args.also_arch, args.also_edl_kwargs, "second_", budget, budget.left(), packed,
+                             optional=True)
     for f in written:
         log(f"packed {f.name} ({f.stat().st_size / 2**20:.1f} MiB)")
     send(packed, args.out, 0)
     log(f"done, {budget.left():.0f} s of the budget left")
     return 0
+
+
+def make_pair(args, cfg, arch, edl_kwargs, prefix, budget, seconds, packed, optional=False) -> list:
+    """The twin and the EDL model of ``arch``: timed, trained, evaluated, released and packed within
+    ``seconds``. ``optional``: return nothing (with a line saying why) when even one epoch of the pair
+    and its evaluation would not fit."""
+    start = budget.left()
+    left = lambda: seconds - (start - budget.left())  # noqa: E731
+    kwargs = cfg["model_kwargs"].get(arch, cfg["model_kwargs"]["default"]) if isinstance(cfg["model_kwargs"], dict) else \
+        cfg["model_kwargs"]
+    run_cfg = dict(cfg, model_kwargs=kwargs)
+    # 1. a timed run of each model (also the first training step on the device: it fails here, early)
+    probe = ["--max-steps", str(cfg["probe_steps"])]
+    twin_probe = train(f"{prefix}probe_twin", arch, ["mode=none"], 1, args.work, run_cfg, args.data, left(), probe)
+    edl_probe = train(f"{prefix}probe_edl", arch, edl_kwargs, 1, args.work, run_cfg, args.data, left(), probe)
+    per_epoch = cfg["n_train"] / images_per_s(twin_probe) + cfg["n_train"] / images_per_s(edl_probe)
+    train_s = left() * (1 - args.eval_share)
+    if optional and per_epoch * 1.1 > train_s:
+        log(f"{arch}: one epoch of the pair takes {per_epoch:.0f} s, {train_s:.0f} s are left for training: not trained")
+        return []
+    epochs = max(1, min(cfg["max_epochs"], int(train_s / (per_epoch * 1.1))))  # 10% for the per-epoch evaluation
+    log(f"{arch}: {per_epoch:.0f} s per epoch of the pair: {epochs} epochs in {train_s:.0f} s")
+    # 2. the pair: the twin first (the EDL model's audit attacks from it)
+    twin = train(f"{prefix}twin", arch, ["mode=none"], epochs, args.work, run_cfg, args.data, left() / 2)
+    train(f"{prefix}edl", arch, edl_kwargs, epochs, args.work, run_cfg, args.data, left() * 0.75)
+    if args.weights_dtype == "float16":
+        for name in ("twin", "edl"):
+            halve_weights(args.work / f"{prefix}{name}")
+    # 3. the protocol, standard AutoAttack if the time left allows about 3 minutes per model
+    # (the dry run takes the shorter branch: standard AutoAttack's FAB-T and Square take many CPU minutes)
+    version = "standard" if left() > 360 and not args.dry_run else "custom"
+    log(f"AutoAttack {'standard' if version == 'standard' else 'APGD-CE + APGD-T'}: {left():.0f} s left")
+    evaluate(f"{prefix}twin", args.work, run_cfg, args.data, version, None, left() / 2)
+    evaluate(f"{prefix}edl", args.work, run_cfg, args.data, version, twin, left())
+    # 4. release folders, packed
+    recipe_tag = f"cifar10_nfgsm{epochs}"
+    notes = (f"Trained on one GPU by recipes/gpu_release.py: N-FGSM, the triangle schedule, {epochs} epochs, "
+             "the twin and the EDL model with the same recipe, seed and data order."
+             + (" The weights are stored in float16 (and were evaluated so)." if args.weights_dtype == "float16" else ""))
+    written = []
+    for name, tag in (("twin", f"{recipe_tag}_twin"), ("edl", recipe_tag)):
+        folder = release(f"{prefix}{name}", arch, tag, args.work, notes, False, max(left(), 60))
+        written += pack(folder, args.work / f"{prefix}{name}", packed, args.part_mib)
+    return written
 
 
 def send(packed: Path, out: Path, first: int, per_call: int = 8) -> int:

@@ -22,7 +22,7 @@ def test_dry_run_trains_evaluates_packs_and_unpacks_the_pair(cifar_dir, tmp_path
     out, work = tmp_path / "out", tmp_path / "work"
     script = [sys.executable, str(ROOT / "recipes" / "gpu_release.py")]
     done = subprocess.run([*script, "--dry-run", "--out", out, "--work", work, "--data", cifar_dir, "--part-mib", "0.05",
-                           "--weights-dtype", "float16"], capture_output=True, text=True, timeout=1500)
+                           "--weights-dtype", "float16", "--also-arch", "edl_vit_tiny_patch4_32"], capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # one call brings back 8 files; the rest come with --send-from, call after call
     assert len(list(out.iterdir())) == 8 and "--send-from 8" in done.stdout
@@ -37,7 +37,8 @@ def test_dry_run_trains_evaluates_packs_and_unpacks_the_pair(cifar_dir, tmp_path
 
     assert {v.dtype for v in load_file(work / "edl" / "model.safetensors").values() if v.is_floating_point()} == {torch.float16}
     tars = sorted(p.name for p in out.glob("*.tar"))
-    assert tars == ["edl_resnet18.cifar10_nfgsm1.tar", "edl_resnet18.cifar10_nfgsm1_twin.tar"]
+    assert tars == ["edl_resnet18.cifar10_nfgsm1.tar", "edl_resnet18.cifar10_nfgsm1_twin.tar",
+                    "edl_vit_tiny_patch4_32.cifar10_nfgsm1.tar", "edl_vit_tiny_patch4_32.cifar10_nfgsm1_twin.tar"]
     parts = sorted(out.glob("edl_resnet18.cifar10_nfgsm1.safetensors.part*"))
     assert len(parts) > 1 and all(p.stat().st_size <= 0.05 * 2**20 for p in parts)  # split, each within the limit
     report = json.loads((work / "edl" / "eval_report.json").read_text())
@@ -54,7 +55,9 @@ def test_dry_run_trains_evaluates_packs_and_unpacks_the_pair(cifar_dir, tmp_path
            "--hub-configs", configs]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    for name, run in (("edl_resnet18.cifar10_nfgsm1", "edl"), ("edl_resnet18.cifar10_nfgsm1_twin", "twin")):
+    for name, run in (("edl_resnet18.cifar10_nfgsm1", "edl"), ("edl_resnet18.cifar10_nfgsm1_twin", "twin"),
+                      ("edl_vit_tiny_patch4_32.cifar10_nfgsm1", "second_edl"),
+                      ("edl_vit_tiny_patch4_32.cifar10_nfgsm1_twin", "second_twin")):
         folder = releases / name
         assert (folder / "model.safetensors").read_bytes() == (work / run / "model.safetensors").read_bytes()
         assert {"README.md", "config.json", "eval_report.json"} <= {p.name for p in folder.iterdir()}
