@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from .._files import write_atomic
-from ..corruptions import SEVERITIES, describe_generated, generate, read_cifar10c
+from ..corruptions import SEVERITIES, CorruptionDataError, describe_generated, generate, read_cifar10c
 from .measure import accuracy, check_deterministic, pixel_model
 from .progress import Progress, fingerprint, measured
 from .report import versions
@@ -62,6 +62,8 @@ def evaluate_corruptions(
     holds no clean images; the report says which images each figure is on); without it, ``x`` is
     corrupted here (``edl_timm.corruptions.generate``, seeded by ``seed``)."""
     severities = sorted(set(severities))
+    if not corruptions or not severities:
+        raise CorruptionDataError("name at least one corruption and one severity")
     net = pixel_model(model)
     dev = next(net.parameters()).device
     if cifar10c is not None:
