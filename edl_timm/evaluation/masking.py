@@ -107,36 +107,63 @@ def audit(
     if white_box_accuracy is None:
         white_box_accuracy = measured(progress, "pgd", lambda: pgd_accuracy(model, x, y, eps, **pgd_kw))
         white_box_step_size = None
-    flags: List[str] = []
-    notes: List[str] = []  # what limits a check's reach, which is not a sign of masking
-    out: Dict[str, Any] = {"tolerance": tol}
+    a = _Audit(model, x, y, eps, pgd_kw, progress, white_box_accuracy, tol)
+    a.sweep(eps_sweep, white_box_step_size in (None, default_step(eps, steps)), plot_path)
+    a.through_the_solver(batch_size)
+    if surrogate is not None:
+        a.transfer(surrogate, surrogate_name)
+    a.gradients(gradient_norms(model, x[:batch_size], y[:batch_size]))
+    a.flags += [f"AutoAttack check: {w}" for w in autoattack_warnings]
+    a.out["autoattack_warnings"] = list(autoattack_warnings)
+    a.out["notes"] = a.notes
+    a.out["flags"] = a.flags
+    a.out["masking_suspected"] = bool(a.flags)
+    return a.out
 
-    def sweep_point(e: float) -> float:
-        # the same attack, step and seed as the white-box PGD: the same figure, so not run twice
-        if e == eps and white_box_step_size in (None, default_step(eps, steps)):
-            return white_box_accuracy
-        return measured(progress, f"eps_sweep/{e!r}", lambda: pgd_accuracy(model, x, y, e, **pgd_kw))
 
-    sweep = list(eps_sweep) if eps_sweep is not None else [0.0, eps / 2, eps, 2 * eps, 4 * eps, 8 * eps, 16 * eps]
-    curve = [{"eps": e, "accuracy": sweep_point(e)} for e in sweep]
-    out["eps_sweep"] = curve
-    if curve[-1]["accuracy"] > tol:
-        flags.append(
-            f"PGD accuracy does not fall to ~0 as eps grows ({curve[-1]['accuracy']:.1f}% at eps={curve[-1]['eps']:.3g}): "
-            "the gradients do not lead the attack, a sign of gradient masking"
-        )
-    if any(b["accuracy"] > a["accuracy"] + tol for a, b in zip(curve, curve[1:])):
-        flags.append("PGD accuracy rises with eps somewhere on the sweep: the attack is not converging")
-    if plot_path:
-        _plot_sweep(curve, plot_path, eps, norm)
-        out["plot"] = plot_path
+class _Audit:
+    """One audit's inputs and findings; each check adds its measurements to ``out``, a plain-words
+    ``flags`` entry per sign of masking, and a ``notes`` entry per limit of its own reach."""
 
-    layers = _edl_layers(_unwrap(model))
-    if layers:
+    def __init__(self, model, x, y, eps, pgd_kw, progress, white_box, tol):
+        self.model, self.x, self.y, self.eps, self.pgd_kw = model, x, y, eps, pgd_kw
+        self.progress, self.white_box, self.tol = progress, white_box, tol
+        self.flags: List[str] = []
+        self.notes: List[str] = []
+        self.out: Dict[str, Any] = {"tolerance": tol}
+
+    def pgd(self, key: str, eps: float, source: Optional[nn.Module] = None) -> float:
+        return measured(self.progress, key, lambda: pgd_accuracy(self.model, self.x, self.y, eps, source=source, **self.pgd_kw))
+
+    def sweep(self, eps_sweep: Optional[Sequence[float]], same_as_white_box: bool, plot_path: Optional[str]) -> None:
+        """PGD over eps: it must fall to ~0 and never rise. The point at eps is the white-box PGD's own
+        figure when that is the same attack (step and seed), not run twice."""
+        eps = self.eps
+        sweep = list(eps_sweep) if eps_sweep is not None else [0.0, eps / 2, eps, 2 * eps, 4 * eps, 8 * eps, 16 * eps]
+        curve = [{"eps": e, "accuracy": self.white_box if e == eps and same_as_white_box else self.pgd(f"eps_sweep/{e!r}", e)}
+                 for e in sweep]
+        self.out["eps_sweep"] = curve
+        if curve[-1]["accuracy"] > self.tol:
+            self.flags.append(
+                f"PGD accuracy does not fall to ~0 as eps grows ({curve[-1]['accuracy']:.1f}% at eps={curve[-1]['eps']:.3g}): "
+                "the gradients do not lead the attack, a sign of gradient masking"
+            )
+        if any(b["accuracy"] > a["accuracy"] + self.tol for a, b in zip(curve, curve[1:])):
+            self.flags.append("PGD accuracy rises with eps somewhere on the sweep: the attack is not converging")
+        if plot_path:
+            _plot_sweep(curve, plot_path, eps, self.pgd_kw["norm"])
+            self.out["plot"] = plot_path
+
+    def through_the_solver(self, batch_size: int) -> None:
+        """PGD crafted through the solver unrolled twice as deep and through a straight-through
+        backward, judged on the model as deployed: neither may beat the plain white-box PGD."""
+        layers = _edl_layers(_unwrap(self.model))
+        if not layers:
+            return
+        model, x = self.model, self.x
         deeper = 2 * max(m.num_iters for m in layers)
-        # craft through the deeper solver (and the straight-through backward), judge the model as deployed
-        acc = measured(progress, f"unrolled/{deeper}",
-                        lambda: pgd_accuracy(model, x, y, eps, source=_AttackerView(model, solver_steps, deeper), **pgd_kw))
+        acc = self.pgd(f"unrolled/{deeper}", self.eps, _AttackerView(model, solver_steps, deeper))
+
         # the check assumes the deeper solver computes nearly the same function; a model trained at a
         # small T may not (then its gradients are another function's, and the check says little)
         def agreement():
@@ -144,47 +171,42 @@ def audit(
             with solver_steps(_unwrap(model), deeper):
                 return 100.0 * (predict(model, x, batch_size) == deployed).float().mean().item()
 
-        agree = measured(progress, f"unrolled/{deeper}/agreement", agreement)
-        out["unrolled"] = {"num_iters": deeper, "accuracy": acc, "agreement": agree}
+        agree = measured(self.progress, f"unrolled/{deeper}/agreement", agreement)
+        self.out["unrolled"] = {"num_iters": deeper, "accuracy": acc, "agreement": agree}
         if agree < 90:
-            notes.append(
+            self.notes.append(
                 f"the solver unrolled to {deeper} steps predicts the deployed model's class on only {agree:.1f}% of "
                 "the clean images: it is another function, so PGD through it says little about masking"
             )
-        acc = measured(progress, "bpda", lambda: pgd_accuracy(model, x, y, eps, source=_AttackerView(model, straight_through), **pgd_kw))
-        out["bpda"] = {"accuracy": acc}
+        self.out["bpda"] = {"accuracy": self.pgd("bpda", self.eps, _AttackerView(model, straight_through))}
         for key, what in (("unrolled", f"the solver unrolled to {deeper} steps"), ("bpda", "a straight-through (BPDA) backward")):
-            if out[key]["accuracy"] < white_box_accuracy - tol:
-                flags.append(
-                    f"PGD through {what} beats the plain white-box PGD ({out[key]['accuracy']:.1f}% vs "
-                    f"{white_box_accuracy:.1f}%): the model's own gradients understate its weakness"
+            if self.out[key]["accuracy"] < self.white_box - self.tol:
+                self.flags.append(
+                    f"PGD through {what} beats the plain white-box PGD ({self.out[key]['accuracy']:.1f}% vs "
+                    f"{self.white_box:.1f}%): the model's own gradients understate its weakness"
                 )
-    if surrogate is not None:
-        acc = measured(progress, "transfer", lambda: pgd_accuracy(model, x, y, eps, source=surrogate, **pgd_kw))
-        out["transfer"] = {"surrogate": surrogate_name, "accuracy": acc}
-        if acc < white_box_accuracy - tol:
-            flags.append(
+
+    def transfer(self, surrogate: nn.Module, surrogate_name: str) -> None:
+        """PGD crafted on the surrogate (the plain twin): it may not beat the white-box attack."""
+        acc = self.pgd("transfer", self.eps, surrogate)
+        self.out["transfer"] = {"surrogate": surrogate_name, "accuracy": acc}
+        if acc < self.white_box - self.tol:
+            self.flags.append(
                 f"a transfer attack from {surrogate_name or 'the surrogate'} beats the white-box attack "
-                f"({acc:.1f}% vs {white_box_accuracy:.1f}%): the white-box gradients are masked"
+                f"({acc:.1f}% vs {self.white_box:.1f}%): the white-box gradients are masked"
             )
 
-    norms = gradient_norms(model, x[:batch_size], y[:batch_size])
-    out["gradient_norms"] = norms
-    values = torch.tensor(list(norms.values()))
-    if not torch.isfinite(values).all():
-        flags.append("some input-gradient norms are not finite (exploding gradients)")
-    elif (values <= 1e-12 * max(values.max().item(), 1e-30)).any() or values.max() <= 1e-12:
-        zero = [k for k, v in norms.items() if v <= 1e-12 * max(values.max().item(), 1e-30) or v == 0]
-        flags.append(f"input gradients vanish at {', '.join(zero[:5])}: the attack gets no signal there")
-    elif values.max() / values.min() > 1e8:
-        flags.append("input-gradient norms span more than 8 orders of magnitude across layers")
-    for w in autoattack_warnings:
-        flags.append(f"AutoAttack check: {w}")
-    out["autoattack_warnings"] = list(autoattack_warnings)
-    out["notes"] = notes
-    out["flags"] = flags
-    out["masking_suspected"] = bool(flags)
-    return out
+    def gradients(self, norms: Dict[str, float]) -> None:
+        """Per-layer input-gradient norms: none vanishing, none infinite, no huge spread."""
+        self.out["gradient_norms"] = norms
+        values = torch.tensor(list(norms.values()))
+        if not torch.isfinite(values).all():
+            self.flags.append("some input-gradient norms are not finite (exploding gradients)")
+        elif (values <= 1e-12 * max(values.max().item(), 1e-30)).any() or values.max() <= 1e-12:
+            zero = [k for k, v in norms.items() if v <= 1e-12 * max(values.max().item(), 1e-30) or v == 0]
+            self.flags.append(f"input gradients vanish at {', '.join(zero[:5])}: the attack gets no signal there")
+        elif values.max() / values.min() > 1e8:
+            self.flags.append("input-gradient norms span more than 8 orders of magnitude across layers")
 
 
 class _AttackerView(nn.Module):
