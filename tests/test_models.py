@@ -181,7 +181,9 @@ def test_torchscript_and_fx(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["edl_resnet18", "edl_wide_resnet28_10", "edl_vit_tiny_patch4_32"])
+# one convolutional family and the ViT: the WideResNet's EDL layers are the ResNet's (47 s of CI's 30
+# minutes for no other path; its eager forward and backward are in timm's suite, test_timm_suite.py)
+@pytest.mark.parametrize("name", ["edl_resnet18", "edl_vit_tiny_patch4_32"])
 def test_torch_compile(name):
     model = create(name).train()
     x = sample_input(model)
