@@ -53,13 +53,14 @@ def read_cifar10c(folder: os.PathLike, corruptions: Optional[Sequence[str]] = No
     every corruption and severity); None: all. Every file is checked (present, dtype, shape, label
     count) before any is read whole; an error names the file and what was expected."""
     arrays, labels = _open_cifar10c(folder, corruptions, severities)
+    severities = _check_severities(severities)
     per = len(labels)
     keep = np.arange(per) if subset is None else np.asarray(subset, dtype=np.int64)
     if len(keep) and (keep.min() < 0 or keep.max() >= per):
         raise CorruptionDataError(f"the subset indexes images beyond the {per} per severity of {folder}")
     out = {}
     for c in arrays:
-        for s in _check_severities(severities):
+        for s in severities:
             imgs = np.asarray(arrays[c][(s - 1) * per + keep])
             out[(c, s)] = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
     return out, torch.from_numpy(labels[keep])

@@ -74,7 +74,7 @@ def settings(args):
                                                 "edl_wide_resnet28_10": ["depth=10", "widen_factor=1"]},
                     data=["--train-subset", "256", "--eval-subset", "32"], n_train=256, probe_steps=4, n=32,
                     clean_n="64", max_epochs=1, precision="bf16")
-    return dict(device="cuda", model_kwargs=[], data=[], n_train=50000, probe_steps=60, n=args.n, clean_n="all",
+    return dict(device="cuda", model_kwargs={"default": []}, data=[], n_train=50000, probe_steps=60, n=args.n, clean_n="all",
                 max_epochs=args.max_epochs, precision="bf16")
 
 
@@ -267,9 +267,7 @@ def make_pair(args, cfg, arch, edl_kwargs, prefix, budget, seconds, packed, opti
     and its evaluation would not fit."""
     start = budget.left()
     left = lambda: seconds - (start - budget.left())  # noqa: E731
-    kwargs = cfg["model_kwargs"].get(arch, cfg["model_kwargs"]["default"]) if isinstance(cfg["model_kwargs"], dict) else \
-        cfg["model_kwargs"]
-    run_cfg = dict(cfg, model_kwargs=kwargs)
+    run_cfg = dict(cfg, model_kwargs=cfg["model_kwargs"].get(arch, cfg["model_kwargs"]["default"]))
     # 1. a timed run of each model (also the first training step on the device: it fails here, early)
     probe = ["--max-steps", str(cfg["probe_steps"])]
     twin_probe = train(f"{prefix}probe_twin", arch, ["mode=none"], 1, args.work, run_cfg, args.data, left(), probe)

@@ -11,7 +11,7 @@ from .._files import write_atomic
 from ..corruptions import SEVERITIES, CorruptionDataError, describe_generated, generate, read_cifar10c
 from .measure import accuracy, check_deterministic, pixel_model
 from .progress import Progress, fingerprint, measured
-from .report import versions
+from .report import model_entry, versions
 
 __all__ = ["CORRUPTION_REPORT_SCHEMA", "evaluate_corruptions", "validate_corruption_report", "format_corruption_table",
            "plot_corruptions"]
@@ -72,7 +72,7 @@ def evaluate_corruptions(
         identity_images = fingerprint(labels, *(sets[k] for k in sorted(sets)))
     else:
         labels, sets, what = y, None, describe_generated(seed)
-        identity_images = fingerprint(x, y)
+        identity_images = None  # the corrupted images are made from the clean ones
     if x.dtype != torch.uint8:
         raise ValueError("the clean images are uint8 (N, 3, H, W)")
     progress = None
@@ -96,8 +96,7 @@ def evaluate_corruptions(
     per = {c: sum(r["accuracy"] for r in results if r["corruption"] == c) / len(severities) for c in corruptions}
     report = {
         "schema": "edl-timm/corruption-report/1",
-        "model": {"source": source, "architecture": model.pretrained_cfg.get("architecture", type(model).__name__),
-                  "model_args": dict(getattr(model, "edl_cfg", None) or {}), "weights_sha256": weights_sha256},
+        "model": model_entry(model, source, weights_sha256),
         "data": dict(data or {"dataset": "tensors", "split": "test", "selection": f"the {len(labels)} given images"},
                      n=len(labels), corruptions=what, cifar10c=cifar10c is not None, clean_n=len(y)),
         "clean": clean,

@@ -14,7 +14,7 @@ from .config import EvalConfig
 from .measure import accuracy, autoattack_accuracy, check_deterministic, default_step, deterministic_kernels, pgd_accuracy, pixel_model
 from .progress import Progress, fingerprint, measured
 
-__all__ = ["REPORT_SCHEMA", "validate_report", "evaluate", "format_table", "versions"]
+__all__ = ["REPORT_SCHEMA", "validate_report", "evaluate", "format_table", "versions", "model_entry"]
 
 _log = logging.getLogger("edl_timm.evaluation")
 
@@ -179,9 +179,7 @@ def evaluate(
     robust = min(r["accuracy"] for r in results if r["attack"] != "clean")
     report = {
         "schema": "edl-timm/eval-report/1",
-        "model": {"source": source, "architecture": model.pretrained_cfg.get("architecture", type(model).__name__),
-                  "model_args": dict(getattr(model, "edl_cfg", None) or getattr(model, "edl_convert", None) or {}),
-                  "weights_sha256": weights_sha256},
+        "model": model_entry(model, source, weights_sha256),
         "data": dict(data or {"dataset": "tensors", "split": "test", "selection": f"the {n} given images"}, n=n),
         "threat_model": threat,
         "results": results,
@@ -192,6 +190,13 @@ def evaluate(
     }
     validate_report(report)
     return report
+
+
+def model_entry(model: nn.Module, source: str, weights_sha256: Optional[str]) -> Dict[str, Any]:
+    """A report's ``model``: where it came from, its architecture, its EDL arguments, its weights."""
+    return {"source": source, "architecture": model.pretrained_cfg.get("architecture", type(model).__name__),
+            "model_args": dict(getattr(model, "edl_cfg", None) or getattr(model, "edl_convert", None) or {}),
+            "weights_sha256": weights_sha256}
 
 
 def format_table(report: Dict[str, Any]) -> str:
