@@ -27,6 +27,19 @@ def trained(tiny_run, cifar_dir):
     return model, x.float() / 255, y
 
 
+def linear_classifier(classes, seed):
+    """A bias-free linear classifier on 3x4x4 pixels (its weights seeded), the layer, and the generator
+    that drew them (the images are drawn from it next)."""
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(48, classes)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(classes, 48, generator=g))
+        lin.bias.zero_()
+    model = nn.Sequential(nn.Flatten(), lin).eval()
+    model.pretrained_cfg = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    return model, lin, g
+
+
 def linear_problem(norm, eps, classes, n=32, seed=0):
     """A linear classifier on 3x4x4 images in [0.3, 0.7] and its exact robust accuracy at radius eps.
 
@@ -35,13 +48,7 @@ def linear_problem(norm, eps, classes, n=32, seed=0):
     function is known in closed form, and the box [0, 1] never binds here (each coordinate moves by at
     most eps < 0.3). Points whose worst margin lies within a band around zero are dropped, so an attack
     has to find the exact answer but needs no luck."""
-    g = torch.Generator().manual_seed(seed)
-    lin = nn.Linear(48, classes)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(classes, 48, generator=g))
-        lin.bias.zero_()
-    model = nn.Sequential(nn.Flatten(), lin).eval()
-    model.pretrained_cfg = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    model, lin, g = linear_classifier(classes, seed)
     x = 0.3 + 0.4 * torch.rand(40 * n, 3, 4, 4, generator=g)
     with torch.no_grad():
         logits = model(x)
@@ -75,13 +82,7 @@ def l1_problem(eps, classes=10, n=32, seed=0):
     Against class j the margin (w_y - w_j) x falls fastest by moving the pixels of largest |w_y - w_j|
     as far as the box lets them (against the sign), greedily until eps is spent: a fractional
     knapsack, solved exactly. Points within 0.05 of the boundary are dropped."""
-    g = torch.Generator().manual_seed(seed)
-    lin = nn.Linear(48, classes)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(classes, 48, generator=g))
-        lin.bias.zero_()
-    model = nn.Sequential(nn.Flatten(), lin).eval()
-    model.pretrained_cfg = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    model, lin, g = linear_classifier(classes, seed)
     x = torch.rand(40 * n, 3, 4, 4, generator=g)
     with torch.no_grad():
         y = model(x).argmax(1)
