@@ -16,6 +16,7 @@ from the published files, and the local copy's images are themselves JPEG-decode
 """
 import io
 import os
+import zlib
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -230,7 +231,8 @@ def describe_generated(seed: int) -> str:
 def generate(images: torch.Tensor, corruption: str, severity: int, seed: int = 0) -> torch.Tensor:
     """``images`` (N, 3, H, W) uint8 corrupted at ``severity`` (1-5), uint8 like the published files
     (the float result times 255, truncated, as make_cifar_c.py stores it). The random draws come from
-    a numpy generator seeded by (seed, corruption, severity): the same call gives the same images."""
+    a numpy generator seeded by (seed, the corruption's name, severity): the same call gives the same
+    images, whatever other corruptions exist."""
     if corruption not in GENERATED:
         known = ", ".join(GENERATED)
         raise CorruptionDataError(f"cannot generate {corruption!r}: the generated corruptions are {known}"
@@ -239,7 +241,9 @@ def generate(images: torch.Tensor, corruption: str, severity: int, seed: int = 0
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise CorruptionDataError(f"expected uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
     fn, params, pil = GENERATED[corruption]
-    rng = np.random.default_rng([seed, sorted(GENERATED).index(corruption), severity])
+    # the corruption's own name seeds its draws (not its place in GENERATED, which a new entry would
+    # shift, silently redrawing every other corruption's noise)
+    rng = np.random.default_rng([seed, zlib.crc32(corruption.encode()), severity])
     hwc = images.permute(0, 2, 3, 1).numpy()
     if pil:
         out = fn(hwc, params[severity - 1], rng)

@@ -101,6 +101,20 @@ def test_a_generated_corruption_is_reproducible_and_seeded(name):
         assert not torch.equal(a, generate(x, name, 3, seed=2))
 
 
+def test_a_new_corruption_does_not_redraw_the_others(monkeypatch):
+    """A generated set is reproducible across versions that add corruptions: the draws of one depend
+    on its own name, not on its place among the others."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (8, 3, 32, 32), generator=g, dtype=torch.uint8)
+    before = {name: generate(x, name, 2, seed=0) for name in ("gaussian_noise", "impulse_noise", "shot_noise")}
+    # a name that sorts before all of them would shift every index in the table
+    monkeypatch.setitem(GENERATED, "a_new_noise", GENERATED["gaussian_noise"])
+    for name, images in before.items():
+        assert torch.equal(generate(x, name, 2, seed=0), images), name
+    # and two corruptions with the same primitive and parameters still draw different noise
+    assert not torch.equal(generate(x, "a_new_noise", 2, seed=0), before["gaussian_noise"])
+
+
 @pytest.mark.parametrize("severity, sigma", [(1, 0.04), (5, 0.10)])
 def test_gaussian_noise_adds_cifar10c_sigma(severity, sigma):
     out = generate(grey(), "gaussian_noise", severity).double() / 255
