@@ -18,9 +18,18 @@
 # autocast instead of apex O2 float16; no early stopping (the per-epoch PGD-10 is logged instead, to
 # catch catastrophic overfitting).
 #
+# Releases (full width only): releval_<run> evaluates by docs/evaluation.md's protocol into
+# <run>/release_report.json: clean on all 10,000 test images; PGD-20 and AutoAttack's ATTACKS (default
+# "apgd-ce apgd-t", one restart each, as AutoAttack's standard version runs them) on the same seeded 1,000;
+# with AUDIT=1 the gradient-masking audit, whose transfer attack comes from the twin of an EDL run
+# (SURROGATE: a model folder, default RUN_ROOT/twin_<recipe>, e.g. its release folder). Then
+# release_twin_tri / release_edl_tri write releases/edl_resnet18.cifar10_fastat15[_twin] and its hub
+# config (the EDL model the default tag) with scripts/push_to_hub.py --dry-run; NOTES="..." goes on the card.
+#
 #     WIDTH=half|full EPOCHS=5 bash recipes/fast_at.sh RUN_ROOT VARIANT...
 #     VARIANT: twin_tri edl_tri twin_nfgsm edl_nfgsm twin_cos edl_cos (train),
-#              eval_<run> (clean, PGD-20 and APGD-CE with one restart, on the same seeded 1,000 test images)
+#              eval_<run> (clean, PGD-20 and APGD-CE with one restart, on the same seeded 1,000 test images),
+#              releval_<run>, release_twin_tri, release_edl_tri
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=${1:?RUN_ROOT}; shift
@@ -53,6 +62,26 @@ evaluate() {  # name
         --aa-attacks apgd-ce --aa-restarts 1 --output "$root/$name/eval_report.json" --quiet
 }
 
+release_evaluate() {  # name: the release protocol, into release_report.json
+    local name=$1 extra=()
+    [ -f "$root/$name/release_report.json" ] && return 0
+    if [ "${AUDIT:-0}" = 1 ]; then
+        extra=(--audit)
+        [[ $name == edl_* ]] && extra+=(--surrogate "${SURROGATE:-$root/twin_${name#edl_}}")
+    fi
+    # shellcheck disable=SC2086
+    python scripts/evaluate.py --model "$root/$name" --dataset "$data" --n 1000 --clean-n all --autoattack custom \
+        --aa-attacks ${ATTACKS:-apgd-ce apgd-t} --aa-restarts 1 --output "$root/$name/release_report.json" --quiet "${extra[@]}"
+}
+
+release() {  # name tag [--default]
+    local name=$1 tag=$2; shift 2
+    [ ${#width[@]} -eq 0 ] || { echo "releases are of the full width (WIDTH=full)" >&2; return 1; }
+    python scripts/push_to_hub.py --train-dir "$root/$name" --eval-report "$root/$name/release_report.json" --tag "$tag" \
+        --dataset-id uoft-cs/cifar10 --dry-run --output-dir "releases/edl_resnet18.$tag" --hub-configs-dir hub_configs \
+        ${NOTES:+--notes "$NOTES"} "$@"
+}
+
 mkdir -p "$root"
 for v in "$@"; do
     echo "== $v $(date -u +%FT%TZ)"
@@ -64,6 +93,9 @@ for v in "$@"; do
         edl_nfgsm)  train edl_nfgsm nfgsm num_iters=1 ;;
         edl_cos)  train edl_cos released num_iters=1 ;;
         eval_*)   evaluate "${v#eval_}" ;;
+        releval_*) release_evaluate "${v#releval_}" ;;
+        release_twin_tri) release twin_tri cifar10_fastat15_twin ;;
+        release_edl_tri)  release edl_tri cifar10_fastat15 --default ;;
         *) echo "unknown variant $v" >&2; false ;;
     esac || echo "!! $v failed"
 done
