@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from edl_timm.attacks import APGD_RESTARTS
+
 
 def short_description(model_args):
     mode = model_args.get("mode", "elastic")
@@ -27,6 +29,11 @@ def cells(report):
     out.append(f"{pgd['accuracy']:.2f}" if pgd else "")
     per_attack = acc["autoattack"]["settings"]["per_attack"] if "autoattack" in acc else {}
     out += [f"{per_attack[a]:.2f}" if a in per_attack else "" for a in ("apgd-ce", "apgd-t")]
+    if "autoattack" in acc:  # a report made before it recorded them ran its version's default
+        settings = acc["autoattack"]["settings"]
+        out.append(str(settings.get("apgd_restarts", APGD_RESTARTS[settings["version"]])))
+    else:
+        out.append("")
     out += [f"{acc[a]['accuracy']:.2f}" if a in acc else "" for a in ("transfer", "unrolled", "bpda")]
     out.append(f"{report['robust_accuracy']:.2f}")
     audit = report.get("audit")
@@ -50,7 +57,7 @@ def main():
     if len(sizes) != 1:
         raise SystemExit(f"the reports measure different images ({sorted(sizes, key=str)}): not one table")
     (clean_n, attack_n, _), = sizes
-    header = ["release", "model", f"clean ({clean_n:,})", f"PGD-20 ({attack_n:,})", "APGD-CE", "+ APGD-T", "transfer",
+    header = ["release", "model", f"clean ({clean_n:,})", f"PGD-20 ({attack_n:,})", "APGD-CE", "+ APGD-T", "APGD restarts", "transfer",
               "unrolled", "BPDA", "robust (min)", "audit"]
     table = [header] + rows
     keep = [i for i in range(len(header)) if any(r[i] for r in rows)]  # no column that no report fills
