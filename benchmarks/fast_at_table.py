@@ -1,6 +1,8 @@
 """The fast-AT runs side by side (recipes/fast_at.sh): per run its recipe, its evaluation (clean,
-PGD-20, APGD-CE on the same seeded test images) and its per-epoch held-out curve, as Markdown; with
---plot, the per-epoch clean and PGD accuracy and the lr of every run in one figure.
+PGD-20, APGD-CE on the same seeded test images; the release report where the run has one) and its
+per-epoch held-out curve, as Markdown; with --plot, the per-epoch clean and PGD accuracy and the lr
+of every run in one figure. A run is a folder with args.json, metrics.json and log.jsonl (weights
+are not read), so docs/run_logs/ serves as well as the run folder itself.
 
     python benchmarks/fast_at_table.py runs/half5 [--plot docs/fast_at_half5.png]
 """
@@ -27,20 +29,27 @@ def main():
     ap.add_argument("--plot", type=Path)
     args = ap.parse_args()
     runs = sorted(p for p in args.root.iterdir() if (p / "metrics.json").exists())
-    print("| run | model | recipe | clean | PGD-20 | APGD-CE | n | img/s |")
+    print("| run | model | recipe | clean (n) | PGD-20 | AutoAttack (its attacks) | n | img/s |")
     print("|---|---|---|---|---|---|---|---|")
     for run in runs:
         a = json.loads((run / "args.json").read_text())
         m = json.loads((run / "metrics.json").read_text())
         acc, n = {}, ""
-        if (run / "eval_report.json").exists():
-            report = json.loads((run / "eval_report.json").read_text())
+        # the release protocol's report (releval_<run>) where it exists, else the quick one (eval_<run>)
+        report_path = next((run / f for f in ("release_report.json", "eval_report.json") if (run / f).exists()), None)
+        if report_path:
+            report = json.loads(report_path.read_text())
             acc = {r["attack"]: r["accuracy"] for r in report["results"]}
             n = report["data"]["n"]
+            clean_n = next(r["n"] for r in report["results"] if r["attack"] == "clean")
+            aa = next((r["settings"]["attacks"] for r in report["results"] if r["attack"] == "autoattack"), [])
         kwargs = a["model_kwargs"]
         model = ("twin" if kwargs.get("mode") == "none" else f"EDL T={kwargs.get('num_iters', 2)}") + (
             ", half width" if kwargs.get("channels") == [32, 64, 128, 256] or kwargs.get("channels") == (32, 64, 128, 256) else "")
         cells = [f"{acc[k]:.1f}" if k in acc else "" for k in ("clean", "pgd", "autoattack")]
+        if acc:
+            cells[0] += f" ({clean_n:,})"
+            cells[2] += f" ({', '.join(aa).upper()})"
         print(f"| {run.name} | {model} | {recipe(a)} | {' | '.join(cells)} | {n} | {m['images_per_s']:.0f} |")
     print()
     print("held-out clean / PGD-10 (500 test images) at the end of each epoch:")

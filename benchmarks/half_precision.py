@@ -8,8 +8,7 @@ each model folder: the weights rounded to float16 and to bfloat16 (and back), th
 ``--clean-n`` seeded test images and PGD-20 (L-inf 8/255, the same seed for every copy) on ``--n``,
 with the share of images whose prediction changed and the largest logit change.
 
-    python benchmarks/half_precision.py releases/edl_resnet18.cifar10_fgsm releases/edl_resnet18.cifar10_fgsm_twin \
-        [--clean-n 10000] [--n 500]
+    python benchmarks/half_precision.py releases/* [--clean-n 10000] [--n 500]
 """
 import argparse
 import copy

@@ -6,7 +6,7 @@ after APGD-CE and then APGD-T on the points APGD-CE did not break. The audit's a
 from the twin, the solver unrolled deeper, BPDA) are each a PGD-20 of their own; "audit" counts the
 report's masking flags.
 
-    python benchmarks/release_table.py releases/edl_resnet18.cifar10_fgsm releases/edl_resnet18.cifar10_fgsm_twin
+    python benchmarks/release_table.py releases/*
 """
 import argparse
 import json
