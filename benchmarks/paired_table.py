@@ -27,6 +27,11 @@ def t_quantile_975(df: int) -> float:
     return float(t.ppf(0.975, df))
 
 
+def seed_dirs(root: Path) -> List[Path]:
+    """The study's seed folders (s0, s1, ...), in order; anything else under the root (a log) is not one."""
+    return sorted((p for p in root.glob("s*") if p.is_dir() and p.name[1:].isdigit()), key=lambda p: int(p.name[1:]))
+
+
 def metrics_of(run: Path) -> Dict[str, float]:
     """One run's figures, by metric name."""
     out: Dict[str, float] = {}
@@ -52,7 +57,7 @@ def metrics_of(run: Path) -> Dict[str, float]:
 def paired(root: Path, variant: str, twin: str) -> Dict[str, Dict[str, float]]:
     """Per metric: the mean paired difference over seeds, its 95% half-width, and the seeds used."""
     diffs: Dict[str, List[float]] = {}
-    for seed_dir in sorted(root.glob("s*")):
+    for seed_dir in seed_dirs(root):
         a, b = metrics_of(seed_dir / variant), metrics_of(seed_dir / twin)
         for k in a.keys() & b.keys():
             diffs.setdefault(k, []).append(a[k] - b[k])
@@ -70,7 +75,7 @@ def paired(root: Path, variant: str, twin: str) -> Dict[str, Dict[str, float]]:
 
 def absolute(root: Path, run: str) -> Dict[str, float]:
     """The run's own figures, the mean over seeds."""
-    per = [metrics_of(s / run) for s in sorted(root.glob("s*")) if (s / run).exists()]
+    per = [metrics_of(s / run) for s in seed_dirs(root) if (s / run).exists()]
     keys = set().union(*per) if per else set()
     return {k: sum(p[k] for p in per if k in p) / sum(1 for p in per if k in p) for k in keys}
 
@@ -82,7 +87,7 @@ def _order(keys):
 
 
 def table(root: Path, twin: str, natural_twin: Optional[str]) -> str:
-    runs = sorted({p.name for s in root.glob("s*") for p in s.iterdir() if p.is_dir()})
+    runs = sorted({p.name for s in seed_dirs(root) for p in s.iterdir() if p.is_dir()})
     base = absolute(root, twin)
     keys = _order(base)
     lines = [f"| metric | {twin} (mean) | " + " | ".join(r for r in runs if r not in (twin, natural_twin)) + " |",
@@ -103,9 +108,14 @@ def table(root: Path, twin: str, natural_twin: Optional[str]) -> str:
             sig = "**" if not math.isnan(x["half_width"]) and abs(x["diff"]) > x["half_width"] else ""
             cells.append(f"{sig}{x['diff']:+.1f} ± {x['half_width']:.1f}{sig}")
         lines.append(f"| {k} | {base[k]:.1f} | " + " | ".join(cells) + " |")
-    seeds = sorted(s.name for s in root.glob("s*"))
+    # a study still running has variants with fewer finished seeds than others: say how many each cell pairs
+    n_twin = sum(1 for s in seed_dirs(root) if metrics_of(s / twin))
+    lines.append(f"| seeds paired | {n_twin} | " + " | ".join(str(max((x["seeds"] for x in d.values()), default=0))
+                                                          for d in cols.values()) + " |")
+    seeds = [s.name for s in seed_dirs(root)]
     note = (f"Each cell: the variant minus its twin of the same seed ({twin}; `_nat` variants minus {natural_twin}), "
-            f"mean over seeds {', '.join(seeds)} ± the 95% t interval over seeds; **bold**: the interval excludes 0.")
+            f"the mean over the seeds both finished (of {', '.join(seeds)}) ± the 95% t interval over them; "
+            "**bold**: the interval excludes 0.")
     return "\n".join(lines) + "\n\n" + note
 
 
@@ -117,12 +127,12 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write every paired difference as JSON")
     args = p.parse_args(argv)
     root = Path(args.root)
-    if not any(root.glob("s*")):
+    if not seed_dirs(root):
         print(f"error: no seed folders (s0, s1, ...) in {root}: run recipes/seed_study.sh {root} first", file=sys.stderr)
         return 2
     print(table(root, args.twin, args.natural_twin))
     if args.json:
-        runs = sorted({q.name for s in root.glob("s*") for q in s.iterdir() if q.is_dir()})
+        runs = sorted({q.name for s in seed_dirs(root) for q in s.iterdir() if q.is_dir()})
         out = {r: paired(root, r, args.natural_twin if r.endswith("_nat") else args.twin) for r in runs
                if r not in (args.twin, args.natural_twin)}
         Path(args.json).write_text(json.dumps(out, indent=2))

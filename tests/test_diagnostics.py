@@ -56,3 +56,12 @@ def test_the_paired_table_is_the_mean_seed_difference_with_a_t_interval(tmp_path
     assert d["Linf APGD-CE"]["half_width"] == pytest.approx(4.302653 * sd / math.sqrt(3), rel=1e-5)
     assert d["clean"]["diff"] == pytest.approx(1.0) and d["clean"]["seeds"] == 3
     assert "| Linf APGD-CE | 21.3 | +2.7 ± " in paired_table.table(tmp_path, "twin", None)
+    # the study's log beside the seed folders is not a seed, and seed 10 comes after seed 2
+    (tmp_path / "study.log").write_text("== twin seed 0\n")
+    (tmp_path / "s10").mkdir()
+    assert [p.name for p in paired_table.seed_dirs(tmp_path)] == ["s0", "s1", "s2", "s10"]
+    assert paired_table.paired(tmp_path, "edl", "twin") == d
+    report(tmp_path / "s10" / "twin", 40.0, 20.0)  # a seed whose variant has not finished yet
+    text = paired_table.table(tmp_path, "twin", None)
+    assert "| seeds paired | 4 | 3 |" in text
+    assert "| Linf APGD-CE | 21.0 | +2.7 ± " in text  # the twin's mean over its 4 seeds, the difference over 3 pairs
