@@ -330,7 +330,9 @@ def build_release(
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     shutil.copyfile(weights, partial / "model.safetensors")
-    shutil.copyfile(train_dir / "config.json", partial / "config.json")
+    # The training run saved the pretrained_cfg of the tag its model was built with (the default tag
+    # of that day); the release names its own tag, which timm shows as model.pretrained_cfg["tag"].
+    (partial / "config.json").write_text(json.dumps(release_config(config, tag), indent=2))
     if report.get("audit"):  # the release holds the plot beside the report, which names it there
         audit = {k: v for k, v in report["audit"].items() if k != "plot"}
         plot = audit_plot(report)
@@ -352,6 +354,15 @@ def build_release(
         cfg_path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(cfg_path, cfg_text)
     return cfg
+
+
+def release_config(config: Dict[str, Any], tag: str) -> Dict[str, Any]:
+    """A training output's timm ``config.json`` as the release of ``tag`` ships it: the same, with
+    the pretrained_cfg naming the release's tag."""
+    out = dict(config)
+    if isinstance(out.get("pretrained_cfg"), dict):
+        out["pretrained_cfg"] = dict(out["pretrained_cfg"], tag=tag)
+    return out
 
 
 def _extra_report_names(report: Dict[str, Any], extra: Sequence[Dict[str, Any]], digest: str) -> List[str]:

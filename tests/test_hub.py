@@ -137,6 +137,12 @@ def test_release_folder_is_timm_format_with_card_and_config(release):
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == "edl_resnet18"
     assert config["model_args"]["num_iters"] == 3 and config["model_args"]["mode"] == "vanilla"
+    # the training output's config, but its pretrained_cfg names the release's tag, not the one the
+    # model was built with (timm shows it as model.pretrained_cfg["tag"])
+    trained = json.loads((out.parent / "train" / "config.json").read_text())
+    assert trained["pretrained_cfg"]["tag"] != "unit" and config["pretrained_cfg"]["tag"] == "unit"
+    assert {**trained, "pretrained_cfg": {**trained["pretrained_cfg"], "tag": "unit"}} == config
+    assert timm.create_model(f"local-dir:{out}").pretrained_cfg["tag"] == "unit"
     weights = load_file(out / "model.safetensors")
     for k, v in model.state_dict().items():
         assert torch.equal(weights[k], v), k
