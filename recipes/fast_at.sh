@@ -23,13 +23,16 @@
 # "apgd-ce apgd-t", one restart each, as AutoAttack's standard version runs them) on the same seeded 1,000;
 # with AUDIT=1 the gradient-masking audit, whose transfer attack comes from the twin of an EDL run
 # (SURROGATE: a model folder, default RUN_ROOT/twin_<recipe>, e.g. its release folder). Then
-# release_twin_tri / release_edl_tri write releases/edl_resnet18.cifar10_fastat15[_twin] and its hub
-# config (the EDL model the default tag) with scripts/push_to_hub.py --dry-run; NOTES="..." goes on the card.
+# relextra_<run> measures the card's other figures on the same seeded 1,000: L2 0.5 and L1 12 (PGD-20
+# and ATTACKS) and all ten generated corruptions at severities 1-5. Then release_twin_tri /
+# release_edl_tri write releases/edl_resnet18.cifar10_fastat15[_twin] and its hub config (the EDL
+# model the default tag) with scripts/push_to_hub.py --dry-run, with relextra's reports where they
+# exist; NOTES="..." goes on the card.
 #
 #     WIDTH=half|full EPOCHS=5 bash recipes/fast_at.sh RUN_ROOT VARIANT...
 #     VARIANT: twin_tri edl_tri twin_nfgsm edl_nfgsm twin_cos edl_cos (train),
 #              eval_<run> (clean, PGD-20 and APGD-CE with one restart, on the same seeded 1,000 test images),
-#              releval_<run>, release_twin_tri, release_edl_tri
+#              releval_<run>, relextra_<run>, release_twin_tri, release_edl_tri
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=${1:?RUN_ROOT}; shift
@@ -74,9 +77,24 @@ release_evaluate() {  # name: the release protocol, into release_report.json
         --aa-attacks ${ATTACKS:-apgd-ce apgd-t} --aa-restarts 1 --output "$root/$name/release_report.json" --quiet "${extra[@]}"
 }
 
+release_extra() {  # name: the other threat models and the corruptions, for the card
+    local name=$1 norm
+    for norm in L2 L1; do  # RobustBench's radii (0.5, 12), the attacks of the L-inf report
+        [ -f "$root/$name/release_report_$norm.json" ] || python scripts/evaluate.py --model "$root/$name" \
+            --dataset "$data" --n "${EVAL_N:-1000}" --norm $norm --autoattack custom --aa-attacks ${ATTACKS:-apgd-ce apgd-t} \
+            --aa-restarts 1 --output "$root/$name/release_report_$norm.json" --quiet || return 1
+    done
+    [ -f "$root/$name/corruptions.json" ] || python scripts/evaluate.py --model "$root/$name" --dataset "$data" \
+        --n "${EVAL_N:-1000}" --corruptions generated --output "$root/$name/corruptions.json" --quiet
+}
+
 release() {  # name tag [--default]
-    local name=$1 tag=$2; shift 2
+    local name=$1 tag=$2 extra=() f; shift 2
     [ ${#width[@]} -eq 0 ] || { echo "releases are of the full width (WIDTH=full)" >&2; return 1; }
+    for f in "$root/$name"/release_report_L2.json "$root/$name"/release_report_L1.json "$root/$name"/corruptions.json; do
+        [ -f "$f" ] && extra+=("$f")
+    done
+    [ ${#extra[@]} -eq 0 ] || set -- "$@" --extra-reports "${extra[@]}"
     python scripts/push_to_hub.py --train-dir "$root/$name" --eval-report "$root/$name/release_report.json" --tag "$tag" \
         --dataset-id uoft-cs/cifar10 --dry-run --output-dir "releases/edl_resnet18.$tag" --hub-configs-dir hub_configs \
         ${NOTES:+--notes "$NOTES"} "$@"
@@ -94,6 +112,7 @@ for v in "$@"; do
         edl_cos)  train edl_cos released num_iters=1 ;;
         eval_*)   evaluate "${v#eval_}" ;;
         releval_*) release_evaluate "${v#releval_}" ;;
+        relextra_*) release_extra "${v#relextra_}" ;;
         release_twin_tri) release twin_tri cifar10_fastat15_twin ;;
         release_edl_tri)  release edl_tri cifar10_fastat15 --default ;;
         *) echo "unknown variant $v" >&2; false ;;
