@@ -43,7 +43,10 @@ def audit_plot(report: Dict[str, Any]) -> Optional[Path]:
     return Path(path) if path and Path(path).is_file() else None
 
 
-def _eps_str(eps: float) -> str:
+def _eps_str(eps: float, norm: str = "Linf") -> str:
+    """A radius as written: x/255 at L-inf when it is one; at L2 and L1 the number itself (12, not 3060/255)."""
+    if norm != "Linf":
+        return f"{eps:g}"
     k = eps * 255
     return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:g}"
 
@@ -73,7 +76,7 @@ def _main(m: Dict[str, Any], cfg: Dict[str, Any]) -> bool:
 def _describe(m: Dict[str, Any]) -> str:
     if m["attack"] == "clean":
         return "clean"
-    return f"{describe_attack(m['attack'], m.get('settings'))}, {m['norm']} eps={_eps_str(m['eps'])}"
+    return f"{describe_attack(m['attack'], m.get('settings'))}, {m['norm']} eps={_eps_str(m['eps'], m['norm'])}"
 
 
 def training_summary(args: Dict[str, Any]) -> str:
@@ -127,7 +130,7 @@ def _other_results(extra: Sequence[Dict[str, Any]]) -> str:
     if attacks:
         lines += ["| threat model | attack | n | accuracy (%) |", "|---|---|---|---|"]
         for r in attacks:
-            tm = f"{r['threat_model']['norm']} eps={_eps_str(r['threat_model']['eps'])}"
+            tm = f"{r['threat_model']['norm']} eps={_eps_str(r['threat_model']['eps'], r['threat_model']['norm'])}"
             lines += [f"| {tm} | {describe_attack(x['attack'], x.get('settings'))} | {x['n']} | {x['accuracy']:.2f} |"
                       for x in r["results"] if x["attack"] != "clean"]
             lines.append(f"| {tm} | robust (min over attacks) | {r['data']['n']} | {r['robust_accuracy']:.2f} |")
@@ -225,7 +228,7 @@ accelerate launch scripts/train.py --model hf-hub:{cfg['hf_hub_id']} --dataset u
 ## Results
 
 Test split of {cfg['dataset']['id']}{' (the copy that Limitations names)' if data_note else ''}: {subsets}; {report['threat_model']['norm']} threat
-model, eps = {_eps_str(report['threat_model']['eps'])}; attacks in [0, 1] pixel space with the normalisation inside the model.
+model, eps = {_eps_str(report['threat_model']['eps'], report['threat_model']['norm'])}; attacks in [0, 1] pixel space with the normalisation inside the model.
 
 | attack | n | accuracy (%) |
 |---|---|---|

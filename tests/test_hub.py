@@ -217,11 +217,12 @@ def test_a_release_shows_other_norms_and_corruptions_beside_its_own_threat_model
     data = {"dataset": "uoft-cs/cifar10", "split": "test", "selection": "8 random tensors"}
     main = evaluate(model, x, y, source=str(train_dir), autoattack=None, pgd_steps=2, weights_sha256=digest, data=data)
     l2 = evaluate(model, x, y, source=str(train_dir), norm="L2", autoattack=None, pgd_steps=2, weights_sha256=digest, data=data)
+    l1 = evaluate(model, x, y, source=str(train_dir), norm="L1", autoattack=None, pgd_steps=2, weights_sha256=digest, data=data)
     xu = (x * 255).to(torch.uint8)
     corr = evaluate_corruptions(model, xu, y, source=str(train_dir), corruptions=["contrast"], severities=[1, 5],
                                 weights_sha256=digest, data=data)
     out = tmp_path / "with_extra"
-    cfg = build_release(train_dir, main, out, "extra", extra_reports=[l2, corr])
+    cfg = build_release(train_dir, main, out, "extra", extra_reports=[l2, l1, corr])
     assert json.loads((out / "eval_report_L2_0.5.json").read_text()) == l2
     assert json.loads((out / "corruption_report.json").read_text()) == corr
     l2_pgd = next(r for r in l2["results"] if r["attack"] == "pgd")
@@ -231,6 +232,9 @@ def test_a_release_shows_other_norms_and_corruptions_beside_its_own_threat_model
     assert "L2" not in main_table and "Linf eps=8/255" in main_table
     other = card.split("### Other threat models and common corruptions")[1]
     assert f"| L2 eps=0.5 | PGD-2, 1 restart(s) | 8 | {l2_pgd['accuracy']:.2f} |" in other
+    # an L2 or L1 radius is the number itself (L1 12 is not "3060/255"); an L-inf one is x/255
+    l1_pgd = next(r for r in l1["results"] if r["attack"] == "pgd")
+    assert f"| L1 eps=12 | PGD-2, 1 restart(s) | 8 | {l1_pgd['accuracy']:.2f} |" in other and "/255 |" not in other
     assert f"| contrast | {corr['per_corruption']['contrast']:.2f} |" in other and "not the published CIFAR-10-C" in other
     stranger = dict(l2, model=dict(l2["model"], weights_sha256="0" * 64))
     for bad, message in [([stranger], "extra report 1 is for weights 000"), ([l2, l2], "extra report 2 repeats")]:
