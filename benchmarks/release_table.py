@@ -62,7 +62,7 @@ def _markdown(table):
 
 def threat_model_table(names, others):
     """Each other threat model's PGD-20 and AutoAttack (APGD's figure as reported), per release."""
-    keys = sorted({k for attacks, _ in others for k in attacks}, key=lambda k: (k[0], k[1]))
+    keys = sorted({k for attacks, _ in others for k in attacks})  # (norm, eps)
     if not keys:
         return []
     header = ["release"] + [f"{norm} {eps:g}: {col}" for norm, eps in keys for col in ("PGD-20", "AutoAttack")]
@@ -114,8 +114,7 @@ def main():
               "unrolled", "BPDA", "robust (min)", "audit"]
     table = [header] + rows
     keep = [i for i in range(len(header)) if any(r[i] for r in rows)]  # no column that no report fills
-    for r in table[:1] + [["---"] * len(header)] + table[1:]:
-        print("| " + " | ".join(r[i] for i in keep) + " |")
+    print("\n".join(_markdown([[r[i] for i in keep] for r in table])))
     names = [f"`{folder.name}`" for folder in args.releases]
     others = [other_reports(folder) for folder in args.releases]
     for lines in (threat_model_table(names, others), corruption_table(names, others)):
