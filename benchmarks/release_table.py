@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from edl_timm.attacks import APGD_RESTARTS
+from edl_timm.publish import CORRUPTION_REPORT, THREAT_MODEL_REPORTS
 
 
 def short_description(model_args):
@@ -49,10 +50,10 @@ def cells(report):
 def other_reports(folder):
     """The release's reports of other threat models, by (norm, eps), and its corruption report (or None)."""
     attacks = {}
-    for f in sorted(folder.glob("eval_report_*.json")):
+    for f in sorted(folder.glob(THREAT_MODEL_REPORTS)):
         r = json.loads(f.read_text())
         attacks[(r["threat_model"]["norm"], float(r["threat_model"]["eps"]))] = r
-    corruption = folder / "corruption_report.json"
+    corruption = folder / CORRUPTION_REPORT
     return attacks, (json.loads(corruption.read_text()) if corruption.exists() else None)
 
 

@@ -368,6 +368,17 @@ def release_config(config: Dict[str, Any], tag: str) -> Dict[str, Any]:
     return out
 
 
+# The names of a release folder's extra reports: written by build_release, read back by
+# benchmarks/release_table.py (one place, so a reader never looks for a name the writer does not use).
+CORRUPTION_REPORT = "corruption_report.json"
+THREAT_MODEL_REPORTS = "eval_report_*.json"  # the glob that matches every threat_model_report_name
+
+
+def threat_model_report_name(norm: str, eps: float) -> str:
+    """The release file of an extra evaluation report, e.g. ``eval_report_L2_0.5.json``."""
+    return THREAT_MODEL_REPORTS.replace("*", f"{norm}_{float(eps):g}")
+
+
 def _extra_report_names(report: Dict[str, Any], extra: Sequence[Dict[str, Any]], digest: str) -> List[str]:
     """The file name of each extra report in the release, once each is checked: the same weights
     as the release, a kind the card shows, and no two of the same threat model (or two corruption
@@ -381,10 +392,10 @@ def _extra_report_names(report: Dict[str, Any], extra: Sequence[Dict[str, Any]],
             raise CheckpointError(f"extra report {i + 1} is for weights {r['model'].get('weights_sha256')}, not these "
                                   f"({digest}): evaluate the released weights")
         if kind == "edl-timm/corruption-report/1":
-            key, name = ("corruptions",), "corruption_report.json"
+            key, name = ("corruptions",), CORRUPTION_REPORT
         else:
             tm = r["threat_model"]
-            key, name = (tm["norm"], float(tm["eps"])), f"eval_report_{tm['norm']}_{tm['eps']:g}.json".replace("/", "_")
+            key, name = (tm["norm"], float(tm["eps"])), threat_model_report_name(tm["norm"], tm["eps"])
         if key in seen:
             raise ValueError(f"extra report {i + 1} repeats {'a corruption report' if key == ('corruptions',) else key}: "
                              "give each threat model once")
