@@ -306,7 +306,8 @@ def build_release(
         "dataset": {"id": dataset_id, "note": note},
         "threat_model": dict(report["threat_model"]),
         "recipe": {k: args[k] for k in ("adv", "eps", "alpha", "steps", "epochs", "max_steps", "batch_size", "lr", "optimizer",
-                                        "momentum", "schedule", "warmup_epochs", "peak_momentum", "weight_decay", "elastic_from_epoch", "mixed_precision", "train_subset",
+                                        "momentum", "schedule", "warmup_epochs", "peak_momentum", "weight_decay",
+                                        "weight_decay_norms", "elastic_from_epoch", "mixed_precision", "train_subset",
                                         "seed") if k in args} or {"note": "no args.json in the training output"},
         "metrics": metrics_from_report(report) + [
             m for r in extra_reports if r["schema"] == "edl-timm/eval-report/1" for m in metrics_from_report(r)

@@ -77,7 +77,10 @@ class TrainConfig:
     optimizer: str = option("sgd", "timm's names: sgd is SGD with Nesterov momentum (plain SGD with --momentum 0), momentum "
                           "is SGD with classical momentum", "optimisation", choices=["sgd", "momentum", "adamw"])
     momentum: float = option(0.9, "momentum", "optimisation", type=float)
-    weight_decay: float = option(5e-4, "weight decay (not on norms, biases and beta)", "optimisation", type=float)
+    weight_decay: float = option(5e-4, "weight decay (not on norms, biases and beta unless --weight-decay-norms)",
+                                 "optimisation", type=float)
+    weight_decay_norms: bool = option(False, "decay norms, biases and beta too, as the fast-AT reference decays every "
+                                      "parameter", "optimisation")
     schedule: str = option("cosine", "lr schedule, per step: cosine or step (after --warmup-epochs), or triangle: linear "
                          "from 0 to the peak lr at the run's middle and back to 0 at its end (fast-AT's cyclic schedule)",
                          "optimisation", choices=list(SCHEDULES))
@@ -654,7 +657,8 @@ def _prepare(cfg: TrainConfig) -> _Job:
     total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     # timm's "sgd" is Nesterov SGD, which needs momentum: without momentum it is plain SGD ("momentum" at 0)
     opt_name = "momentum" if cfg.optimizer == "sgd" and cfg.momentum == 0 else cfg.optimizer
-    optimizer = create_optimizer_v2(net, opt_name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    optimizer = create_optimizer_v2(net, opt_name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                                    filter_bias_and_bn=not cfg.weight_decay_norms)
     scheduler = _scheduler(cfg, optimizer, total_steps, steps_per_epoch)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(torch.arange(len(train_y))), batch_size=cfg.batch_size, shuffle=True, drop_last=True,

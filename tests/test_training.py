@@ -517,6 +517,22 @@ def test_adamw_decays_weights_but_not_norms_biases_or_beta(cifar_dir, tmp_path):
         assert (after[k] - init[k]).abs().max() <= 1.5e-3, k
 
 
+
+def test_weight_decay_norms_decays_every_parameter(cifar_dir, tmp_path):
+    """--weight-decay-norms (the fast-AT reference's optimizer, which decays every parameter): the
+    same AdamW step now shrinks norms, biases and beta by 10% as well."""
+    torch.manual_seed(0)
+    kwargs = dict(TINY, beta_init=0.9)  # beta_logit 2.2: at the default 0.5 it is 0 and cannot shrink
+    init = timm.create_model("edl_resnet18", **kwargs).state_dict()
+    train(TrainConfig(model="edl_resnet18", model_kwargs=kwargs, dataset=str(cifar_dir), output_dir=str(tmp_path / "a"),
+                      train_subset=64, eval_subset=16, batch_size=16, max_steps=1, lr=1e-3, weight_decay=100.0,
+                      weight_decay_norms=True, optimizer="adamw", augment=False, quiet=True))
+    after = weights(tmp_path / "a")
+    for k in ("conv1.weight", "bn1.weight", "fc.weight", "conv1.beta_logit", "layer3.0.conv2.beta_logit"):
+        assert init[k].abs().max() > 0.05, k  # a shrink of 10% is larger than the Adam step
+        assert torch.allclose(after[k], 0.9 * init[k], atol=1.5e-3), k
+    assert json.loads((tmp_path / "a" / "args.json").read_text())["weight_decay_norms"] is True
+
 @pytest.mark.slow
 def test_training_compiled_through_accelerate_has_no_graph_break_and_matches_eager(cifar_dir, tmp_path):
     """accelerate's own switch (ACCELERATE_DYNAMO_BACKEND, as accelerate launch --dynamo_backend sets
