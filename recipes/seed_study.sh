@@ -14,7 +14,10 @@
 # Variants (elastic EDL at its defaults unless named): T = 1 (the releases' setting), 2 and 3; the
 # paper's schedule (Vanilla DL for the first 3 of 4 epochs, elastic for the last); a Huber floor near
 # pure l1 (eps 0.03, 0.01); lam 0.3 (three times the default); natural training of the twin and of
-# T = 1.
+# T = 1. A probe of the twin's recipe (not in the default list): twin_ref, the twin with the two
+# knobs where timm's ResNet and optimizer differ from the fast-AT reference's PreAct ResNet and SGD
+# (no zero-initialised last BN in each block; weight decay on norms and biases too), and each knob
+# alone: twin_zinit (the BN initialisation), twin_wdall (the weight decay).
 # Evaluation, the same for every run (float32, the same seeded 500 test images, seed 0 of every
 # attack): clean, PGD-20 and APGD-CE at L-inf 8/255, L2 0.5 and L1 12 (one report per norm), and
 # generated corruptions (CIFAR-10-C's parameters: Gaussian, shot, impulse noise, zoom and Gaussian
@@ -77,6 +80,9 @@ run() {  # variant seed
         edl_lam03)    train edl_lam03 "$2" fgsm num_iters=1 lam=0.3 ;;
         twin_nat)     train twin_nat "$2" natural mode=none ;;
         edl_t1_nat)   train edl_t1_nat "$2" natural num_iters=1 ;;
+        twin_ref)     train twin_ref "$2" fgsm mode=none zero_init_last=False -- --weight-decay-norms ;;
+        twin_zinit)   train twin_zinit "$2" fgsm mode=none zero_init_last=False ;;
+        twin_wdall)   train twin_wdall "$2" fgsm mode=none -- --weight-decay-norms ;;
         *) echo "unknown variant $1" >&2; return 2 ;;
     esac && evaluate "$1" "$2"
 }
