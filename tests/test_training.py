@@ -517,7 +517,6 @@ def test_adamw_decays_weights_but_not_norms_biases_or_beta(cifar_dir, tmp_path):
         assert (after[k] - init[k]).abs().max() <= 1.5e-3, k
 
 
-
 def test_weight_decay_norms_decays_every_parameter(cifar_dir, tmp_path):
     """--weight-decay-norms (the fast-AT reference's optimizer, which decays every parameter): the
     same AdamW step now shrinks norms, biases and beta by 10% as well."""
@@ -532,6 +531,7 @@ def test_weight_decay_norms_decays_every_parameter(cifar_dir, tmp_path):
         assert init[k].abs().max() > 0.05, k  # a shrink of 10% is larger than the Adam step
         assert torch.allclose(after[k], 0.9 * init[k], atol=1.5e-3), k
     assert json.loads((tmp_path / "a" / "args.json").read_text())["weight_decay_norms"] is True
+
 
 @pytest.mark.slow
 def test_training_compiled_through_accelerate_has_no_graph_break_and_matches_eager(cifar_dir, tmp_path):
