@@ -500,37 +500,28 @@ def test_step_schedule_divides_the_lr_by_ten_every_third_of_the_run(cifar_dir, t
     assert lrs == {t: pytest.approx(0.2 * 0.1 ** (t // decay_every), rel=1e-9) for t in (10, 20, 30, 40)}
 
 
-def test_adamw_decays_weights_but_not_norms_biases_or_beta(cifar_dir, tmp_path):
+@pytest.mark.parametrize("decay_norms", [False, True], ids=["default", "weight-decay-norms"])
+def test_adamw_decays_norms_biases_and_beta_only_with_weight_decay_norms(cifar_dir, tmp_path, decay_norms):
     """Decoupled weight decay: one AdamW step with lr 1e-3 and weight decay 100 shrinks every decayed
-    weight by 10% (plus an Adam step of at most about lr), and moves norms, biases and beta only by
-    the Adam step."""
+    weight by 10% (plus an Adam step of at most about lr). By default it moves norms, biases and beta
+    only by the Adam step; --weight-decay-norms (the fast-AT reference's optimizer, which decays every
+    parameter) shrinks them by 10% as well."""
     torch.manual_seed(0)
-    init = timm.create_model("edl_resnet18", **TINY).state_dict()
-    train(TrainConfig(model="edl_resnet18", model_kwargs=dict(TINY), dataset=str(cifar_dir), output_dir=str(tmp_path / "a"),
+    kwargs = dict(TINY, beta_init=0.9)  # beta_logit 2.2: at the default 0.5 it is 0, and decay could not move it
+    init = timm.create_model("edl_resnet18", **kwargs).state_dict()
+    train(TrainConfig(model="edl_resnet18", model_kwargs=kwargs, dataset=str(cifar_dir), output_dir=str(tmp_path / "a"),
                       train_subset=64, eval_subset=16, batch_size=16, max_steps=1, lr=1e-3, weight_decay=100.0,
-                      optimizer="adamw", augment=False, quiet=True))
+                      weight_decay_norms=decay_norms, optimizer="adamw", augment=False, quiet=True))
     after = weights(tmp_path / "a")
     for k in ("conv1.weight", "layer2.0.conv1.weight", "fc.weight"):
         assert torch.allclose(after[k], 0.9 * init[k], atol=1.5e-3), k
     assert (after["fc.weight"] - 0.9 * init["fc.weight"]).abs().max() > 0  # and the Adam step is there too
     for k in ("bn1.weight", "bn1.bias", "fc.bias", "conv1.beta_logit", "layer3.0.conv2.beta_logit"):
-        assert (after[k] - init[k]).abs().max() <= 1.5e-3, k
-
-
-def test_weight_decay_norms_decays_every_parameter(cifar_dir, tmp_path):
-    """--weight-decay-norms (the fast-AT reference's optimizer, which decays every parameter): the
-    same AdamW step now shrinks norms, biases and beta by 10% as well."""
-    torch.manual_seed(0)
-    kwargs = dict(TINY, beta_init=0.9)  # beta_logit 2.2: at the default 0.5 it is 0 and cannot shrink
-    init = timm.create_model("edl_resnet18", **kwargs).state_dict()
-    train(TrainConfig(model="edl_resnet18", model_kwargs=kwargs, dataset=str(cifar_dir), output_dir=str(tmp_path / "a"),
-                      train_subset=64, eval_subset=16, batch_size=16, max_steps=1, lr=1e-3, weight_decay=100.0,
-                      weight_decay_norms=True, optimizer="adamw", augment=False, quiet=True))
-    after = weights(tmp_path / "a")
-    for k in ("conv1.weight", "bn1.weight", "fc.weight", "conv1.beta_logit", "layer3.0.conv2.beta_logit"):
-        assert init[k].abs().max() > 0.05, k  # a shrink of 10% is larger than the Adam step
-        assert torch.allclose(after[k], 0.9 * init[k], atol=1.5e-3), k
-    assert json.loads((tmp_path / "a" / "args.json").read_text())["weight_decay_norms"] is True
+        expected = 0.9 * init[k] if decay_norms else init[k]
+        assert (after[k] - expected).abs().max() <= 1.5e-3, k
+    for k in ("bn1.weight", "conv1.beta_logit", "layer3.0.conv2.beta_logit"):
+        assert init[k].abs().min() > 0.05, k  # so a 10% shrink is larger than the Adam step, and the two cases differ
+    assert json.loads((tmp_path / "a" / "args.json").read_text())["weight_decay_norms"] is decay_norms
 
 
 @pytest.mark.slow
