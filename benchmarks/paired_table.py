@@ -8,7 +8,11 @@ whole training runs, the noise a single run cannot show). A difference whose int
 is marked. Metrics: clean, PGD-20 and APGD-CE at each norm measured (L-inf, L2, L1), the mean
 under each corruption (severities pooled) and over all corruptions.
 
-    python benchmarks/paired_table.py runs/seeds [--twin twin] [--natural-twin twin_nat] [--json out.json]
+A variant trained by another recipe pairs with the twin of that recipe: ``*_nat`` (natural training)
+with ``twin_nat``, ``*_ref`` (the fast-AT reference's initialisation and weight decay) with
+``twin_ref``; every other run, ``twin_ref`` itself included, with ``twin``.
+
+    python benchmarks/paired_table.py runs/seeds [--twin twin] [--natural-twin twin_nat] [--ref-twin twin_ref] [--json out.json]
 """
 import argparse
 import json
@@ -86,18 +90,28 @@ def _order(keys):
         ["corr mean"] if "corr mean" in keys else [])
 
 
-def table(root: Path, twin: str, natural_twin: Optional[str]) -> str:
+def twin_of(run: str, twin: str, suffix_twins: Dict[str, str]) -> str:
+    """The twin ``run`` pairs with: the one of its recipe's suffix (``_nat``: ``twin_nat``), else ``twin``."""
+    for suffix, other in suffix_twins.items():
+        if run.endswith(suffix) and run != other:
+            return other
+    return twin
+
+
+def variants(root: Path, twin: str, suffix_twins: Dict[str, str], natural_twin: Optional[str]) -> Dict[str, str]:
+    """Every run of the study but the twin and the natural twin, each with the twin it pairs with. The
+    natural twin is no variant of the adversarially trained twin (no attack at all); ``twin_ref`` is one
+    (the same attack, the reference's knobs) as well as the twin of the ``_ref`` variants."""
     runs = sorted({p.name for s in seed_dirs(root) for p in s.iterdir() if p.is_dir()})
+    return {r: twin_of(r, twin, suffix_twins) for r in runs if r not in (twin, natural_twin)}
+
+
+def table(root: Path, twin: str, natural_twin: Optional[str], ref_twin: Optional[str] = None) -> str:
+    suffix_twins = {s: t for s, t in (("_nat", natural_twin), ("_ref", ref_twin)) if t}
     base = absolute(root, twin)
     keys = _order(base)
-    lines = [f"| metric | {twin} (mean) | " + " | ".join(r for r in runs if r not in (twin, natural_twin)) + " |",
-             "|---|---|" + "---|" * sum(1 for r in runs if r not in (twin, natural_twin))]
-    cols = {}
-    for r in runs:
-        if r in (twin, natural_twin):
-            continue
-        ref = natural_twin if r.endswith("_nat") and natural_twin else twin
-        cols[r] = paired(root, r, ref)
+    cols = {r: paired(root, r, t) for r, t in variants(root, twin, suffix_twins, natural_twin).items()}
+    lines = [f"| metric | {twin} (mean) | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for k in keys:
         cells = []
         for r, d in cols.items():
@@ -113,7 +127,8 @@ def table(root: Path, twin: str, natural_twin: Optional[str]) -> str:
     lines.append(f"| seeds paired | {n_twin} | " + " | ".join(str(max((x["seeds"] for x in d.values()), default=0))
                                                           for d in cols.values()) + " |")
     seeds = [s.name for s in seed_dirs(root)]
-    note = (f"Each cell: the variant minus its twin of the same seed ({twin}; `_nat` variants minus {natural_twin}), "
+    others = "".join(f"; `{s}` variants minus {t}" for s, t in suffix_twins.items())
+    note = (f"Each cell: the variant minus its twin of the same seed ({twin}{others}), "
             f"the mean over the seeds both finished (of {', '.join(seeds)}) ± the 95% t interval over them; "
             "**bold**: the interval excludes 0.")
     return "\n".join(lines) + "\n\n" + note
@@ -124,17 +139,17 @@ def main(argv=None):
     p.add_argument("root")
     p.add_argument("--twin", default="twin")
     p.add_argument("--natural-twin", default="twin_nat")
+    p.add_argument("--ref-twin", default="twin_ref")
     p.add_argument("--json", default=None, help="also write every paired difference as JSON")
     args = p.parse_args(argv)
     root = Path(args.root)
     if not seed_dirs(root):
         print(f"error: no seed folders (s0, s1, ...) in {root}: run recipes/seed_study.sh {root} first", file=sys.stderr)
         return 2
-    print(table(root, args.twin, args.natural_twin))
+    print(table(root, args.twin, args.natural_twin, args.ref_twin))
     if args.json:
-        runs = sorted({q.name for s in seed_dirs(root) for q in s.iterdir() if q.is_dir()})
-        out = {r: paired(root, r, args.natural_twin if r.endswith("_nat") else args.twin) for r in runs
-               if r not in (args.twin, args.natural_twin)}
+        suffix_twins = {"_nat": args.natural_twin, "_ref": args.ref_twin}
+        out = {r: paired(root, r, t) for r, t in variants(root, args.twin, suffix_twins, args.natural_twin).items()}
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
 

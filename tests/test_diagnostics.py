@@ -65,3 +65,27 @@ def test_the_paired_table_is_the_mean_seed_difference_with_a_t_interval(tmp_path
     text = paired_table.table(tmp_path, "twin", None)
     assert "| seeds paired | 4 | 3 |" in text
     assert "| Linf APGD-CE | 21.0 | +2.7 ± " in text  # the twin's mean over its 4 seeds, the difference over 3 pairs
+
+
+def test_the_paired_table_pairs_each_recipes_variants_with_that_recipes_twin(tmp_path):
+    """`_ref` variants minus twin_ref and `_nat` ones minus twin_nat, seed by seed; twin_ref is itself a
+    variant of the twin, twin_nat is no column."""
+    import json
+
+    import paired_table
+
+    apgd = {"twin": (20.0, 22.0), "twin_ref": (25.0, 26.0), "edl_ref": (24.0, 28.0), "twin_nat": (0.0, 0.0),
+            "edl_nat": (1.0, 3.0), "edl": (19.0, 23.0)}
+    for run, per_seed in apgd.items():
+        for s, a in enumerate(per_seed):
+            (tmp_path / f"s{s}" / run).mkdir(parents=True)
+            (tmp_path / f"s{s}" / run / "eval_Linf.json").write_text(json.dumps({"results": [
+                {"attack": "clean", "accuracy": 50.0}, {"attack": "autoattack", "accuracy": a}]}))
+    text = paired_table.table(tmp_path, "twin", "twin_nat", "twin_ref")
+    header, _, row = (line for line in text.splitlines() if line.startswith(("| metric", "|---", "| Linf APGD-CE")))
+    assert header == "| metric | twin (mean) | edl | edl_nat | edl_ref | twin_ref |"
+    # edl - twin: -1, +1; edl_nat - twin_nat: +1, +3; edl_ref - twin_ref: -1, +2; twin_ref - twin: +5, +4
+    assert [c.split(" ±")[0].strip("* ") for c in row.split("|")[2:-1]] == ["21.0", "+0.0", "+2.0", "+0.5", "+4.5"]
+    assert "`_ref` variants minus twin_ref" in text
+    # without a ref twin, edl_ref is one more variant of the twin
+    assert paired_table.variants(tmp_path, "twin", {"_nat": "twin_nat"}, "twin_nat")["edl_ref"] == "twin"
