@@ -17,7 +17,8 @@
 # T = 1. A probe of the twin's recipe (not in the default list): twin_ref, the twin with the two
 # knobs where timm's ResNet and optimizer differ from the fast-AT reference's PreAct ResNet and SGD
 # (no zero-initialised last BN in each block; weight decay on norms and biases too), and each knob
-# alone: twin_zinit (the BN initialisation), twin_wdall (the weight decay).
+# alone: twin_zinit (the BN initialisation), twin_wdall (the weight decay); and edl_t1_ref, T = 1 with
+# twin_ref's knobs, which benchmarks/paired_table.py pairs with twin_ref.
 # Evaluation, the same for every run (float32, the same seeded 500 test images, seed 0 of every
 # attack): clean, PGD-20 and APGD-CE at L-inf 8/255, L2 0.5 and L1 12 (one report per norm), and
 # generated corruptions (CIFAR-10-C's parameters: Gaussian, shot, impulse noise, zoom and Gaussian
@@ -81,6 +82,7 @@ run() {  # variant seed
         twin_nat)     train twin_nat "$2" natural mode=none ;;
         edl_t1_nat)   train edl_t1_nat "$2" natural num_iters=1 ;;
         twin_ref)     train twin_ref "$2" fgsm mode=none zero_init_last=False -- --weight-decay-norms ;;
+        edl_t1_ref)   train edl_t1_ref "$2" fgsm num_iters=1 zero_init_last=False -- --weight-decay-norms ;;
         twin_zinit)   train twin_zinit "$2" fgsm mode=none zero_init_last=False ;;
         twin_wdall)   train twin_wdall "$2" fgsm mode=none -- --weight-decay-norms ;;
         *) echo "unknown variant $1" >&2; return 2 ;;
