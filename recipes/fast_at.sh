@@ -17,6 +17,9 @@
 # is dropped) instead of 391; weight decay skips norms and biases (timm's optimizer factory); bfloat16
 # autocast instead of apex O2 float16; no early stopping (the per-epoch PGD-10 is logged instead, to
 # catch catastrophic overfitting).
+#   ref: fast-AT with the two further knobs of the reference, measured on the seed study's narrow twin
+#        (docs/results.md): every BN weight starts at 1 (zero_init_last=False; timm zeroes each block's
+#        last one) and weight decay covers norms and biases too (--weight-decay-norms).
 #
 # Releases (full width only): releval_<run> evaluates by docs/evaluation.md's protocol into
 # <run>/release_report.json: clean on all 10,000 test images; PGD-20 and AutoAttack's ATTACKS (default
@@ -30,7 +33,7 @@
 # exist; NOTES="..." goes on the card.
 #
 #     WIDTH=half|full EPOCHS=5 bash recipes/fast_at.sh RUN_ROOT VARIANT...
-#     VARIANT: twin_tri edl_tri twin_nfgsm edl_nfgsm twin_cos edl_cos (train),
+#     VARIANT: twin_tri edl_tri twin_ref edl_ref twin_nfgsm edl_nfgsm twin_cos edl_cos (train),
 #              eval_<run> (clean, PGD-20 and APGD-CE with one restart, on the same seeded 1,000 test images),
 #              releval_<run>, relextra_<run>, release_twin_tri, release_edl_tri
 set -uo pipefail
@@ -47,6 +50,7 @@ common=(--dataset "$data" --eps 8/255 --batch-size 128 --weight-decay 5e-4
         --checkpoint-every 100 --resume auto --quiet)
 triangle=(--schedule triangle --lr 0.2 --optimizer momentum --momentum 0.9 --peak-momentum 0.8)
 fast_at=(--adv fgsm --alpha 10/255 "${triangle[@]}")
+fast_at_ref=("${fast_at[@]}" --weight-decay-norms)
 nfgsm=(--adv nfgsm "${triangle[@]}")  # N-FGSM's own step: alpha = eps, noise 2 eps
 released=(--adv fgsm --alpha 10/255 --schedule cosine --lr 0.1 --warmup-epochs 1 --optimizer sgd --momentum 0.9)
 
@@ -106,6 +110,8 @@ for v in "$@"; do
     case $v in
         twin_tri) train twin_tri fast_at mode=none ;;
         edl_tri)  train edl_tri fast_at num_iters=1 ;;
+        twin_ref) train twin_ref fast_at_ref mode=none zero_init_last=False ;;
+        edl_ref)  train edl_ref fast_at_ref num_iters=1 zero_init_last=False ;;
         twin_cos) train twin_cos released mode=none ;;
         twin_nfgsm) train twin_nfgsm nfgsm mode=none ;;
         edl_nfgsm)  train edl_nfgsm nfgsm num_iters=1 ;;
