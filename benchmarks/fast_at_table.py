@@ -16,7 +16,8 @@ def recipe(args):
            "step": f"step from {args['lr']}"}[args["schedule"]]
     opt = {"sgd": "Nesterov SGD", "momentum": "SGD", "adamw": "AdamW"}[args["optimizer"]]
     mom = f"momentum {args['momentum']}" + (f" -> {args['peak_momentum']}" if args.get("peak_momentum") is not None else "")
-    return f"{args['adv']}, {args['epochs']} ep, {how}, {opt} {mom}"
+    decay = ", decay on norms" if args.get("weight_decay_norms") else ""
+    return f"{args['adv']}, {args['epochs']} ep, {how}, {opt} {mom}{decay}"
 
 
 def curve(run: Path):
@@ -45,7 +46,8 @@ def main():
             aa = next((r["settings"]["attacks"] for r in report["results"] if r["attack"] == "autoattack"), [])
         kwargs = a["model_kwargs"]
         model = ("twin" if kwargs.get("mode") == "none" else f"EDL T={kwargs.get('num_iters', 2)}") + (
-            ", half width" if kwargs.get("channels") == [32, 64, 128, 256] or kwargs.get("channels") == (32, 64, 128, 256) else "")
+            ", half width" if kwargs.get("channels") == [32, 64, 128, 256] or kwargs.get("channels") == (32, 64, 128, 256) else "") + (
+            ", last BNs at 1" if kwargs.get("zero_init_last") is False else "")
         cells = [f"{acc[k]:.1f}" if k in acc else "" for k in ("clean", "pgd", "autoattack")]
         if acc:
             cells[0] += f" ({clean_n:,})"

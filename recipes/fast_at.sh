@@ -20,6 +20,8 @@
 #   ref: fast-AT with the two further knobs of the reference, measured on the seed study's narrow twin
 #        (docs/results.md): every BN weight starts at 1 (zero_init_last=False; timm zeroes each block's
 #        last one) and weight decay covers norms and biases too (--weight-decay-norms).
+#        At half width FGSM-RS overfits catastrophically with them (PGD-10 0% by epoch 3, seed 0);
+#        nfgsm_ref is N-FGSM with the same knobs.
 #
 # Releases (full width only): releval_<run> evaluates by docs/evaluation.md's protocol into
 # <run>/release_report.json: clean on all 10,000 test images; PGD-20 and AutoAttack's ATTACKS (default
@@ -33,7 +35,8 @@
 # exist; NOTES="..." goes on the card.
 #
 #     WIDTH=half|full EPOCHS=5 bash recipes/fast_at.sh RUN_ROOT VARIANT...
-#     VARIANT: twin_tri edl_tri twin_ref edl_ref twin_nfgsm edl_nfgsm twin_cos edl_cos (train),
+#     VARIANT: twin_tri edl_tri twin_ref edl_ref twin_nfgsm edl_nfgsm twin_nfgsm_ref edl_nfgsm_ref twin_cos edl_cos
+#              (train),
 #              eval_<run> (clean, PGD-20 and APGD-CE with one restart, on the same seeded 1,000 test images),
 #              releval_<run>, relextra_<run>, release_twin_tri, release_edl_tri
 set -uo pipefail
@@ -52,6 +55,7 @@ triangle=(--schedule triangle --lr 0.2 --optimizer momentum --momentum 0.9 --pea
 fast_at=(--adv fgsm --alpha 10/255 "${triangle[@]}")
 fast_at_ref=("${fast_at[@]}" --weight-decay-norms)
 nfgsm=(--adv nfgsm "${triangle[@]}")  # N-FGSM's own step: alpha = eps, noise 2 eps
+nfgsm_ref=("${nfgsm[@]}" --weight-decay-norms)
 released=(--adv fgsm --alpha 10/255 --schedule cosine --lr 0.1 --warmup-epochs 1 --optimizer sgd --momentum 0.9)
 
 train() {  # name recipe-array-name model-kwargs...
@@ -115,6 +119,8 @@ for v in "$@"; do
         twin_cos) train twin_cos released mode=none ;;
         twin_nfgsm) train twin_nfgsm nfgsm mode=none ;;
         edl_nfgsm)  train edl_nfgsm nfgsm num_iters=1 ;;
+        twin_nfgsm_ref) train twin_nfgsm_ref nfgsm_ref mode=none zero_init_last=False ;;
+        edl_nfgsm_ref)  train edl_nfgsm_ref nfgsm_ref num_iters=1 zero_init_last=False ;;
         edl_cos)  train edl_cos released num_iters=1 ;;
         eval_*)   evaluate "${v#eval_}" ;;
         releval_*) release_evaluate "${v#releval_}" ;;
