@@ -2,6 +2,7 @@
 extras, and ``add_arguments`` derives the flags from the fields, so every default is written once
 (``TrainConfig`` for ``scripts/train.py``, ``EvalConfig`` for ``scripts/evaluate.py``)."""
 import argparse
+import ast
 import dataclasses
 from dataclasses import field
 from typing import Any, Dict
@@ -61,4 +62,18 @@ def defaults(config_class) -> Dict[str, Any]:
             out[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:
             out[f.name] = f.default_factory()
+    return out
+
+
+def parse_kwargs(items):
+    """key=value pairs; values are Python literals where they parse (3, 0.1, True, (1, 2)), else strings."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --model-kwargs and --convert-args take key=value pairs, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
     return out

@@ -10,29 +10,14 @@ loads with timm.create_model("local-dir:<output-dir>") and is what scripts/evalu
 scripts/push_to_hub.py take.
 """
 import argparse
-import ast
 import json
 import sys
 
 import torch
 
-from edl_timm._config import HelpFormatter, add_arguments
+from edl_timm._config import HelpFormatter, add_arguments, parse_kwargs
 from edl_timm.cpu import keep_freed_memory
 from edl_timm.training import TrainConfig, TrainingInputError, train
-
-
-def parse_kwargs(items):
-    """key=value pairs; values are Python literals where they parse (3, 0.1, True, (1, 2)), else strings."""
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"error: --model-kwargs and --convert-args take key=value pairs, got {item!r}")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

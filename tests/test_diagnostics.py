@@ -89,3 +89,34 @@ def test_the_paired_table_pairs_each_recipes_variants_with_that_recipes_twin(tmp
     assert "`_ref` variants minus twin_ref" in text
     # without a ref twin, edl_ref is one more variant of the twin
     assert paired_table.variants(tmp_path, "twin", {"_nat": "twin_nat"}, "twin_nat")["edl_ref"] == "twin"
+
+
+def test_the_co_probe_reads_a_checkpoint_as_the_finished_model_and_counts_clean_accuracy(tiny_run, cifar_dir, tmp_path):
+    """A training checkpoint's state (the normalising wrapper's) rebuilt with --arch gives the same
+    figures as the finished run's folder; the eval-mode float32 clean figure is the model's own
+    accuracy computed directly; a checkpoint without --arch is a clear error."""
+    import co_probe
+    from safetensors.torch import save_file
+
+    from edl_timm.data import load_image_split
+    from edl_timm.hub import create_model
+
+    from conftest import TINY
+
+    net = co_probe.load(str(tiny_run[0]))
+    (tmp_path / "ckpt").mkdir()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "ckpt" / "model.safetensors"))
+    rebuilt = co_probe.load(str(tmp_path / "ckpt"), "edl_resnet18", dict(TINY))
+    x, y = load_image_split(str(cifar_dir), "train", subset=24, seed=1)[:2]
+    x = x.float().div(255)
+    rows = co_probe.probe(net, x, y, 8 / 255, 10 / 255, batch_size=12)
+    assert co_probe.probe(rebuilt, x, y, 8 / 255, 10 / 255, batch_size=12) == rows
+    with torch.no_grad():
+        model = create_model(str(tiny_run[0]), require_edl=False).eval()
+        mean, std = (torch.tensor(model.pretrained_cfg[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+        direct = (model((x - mean) / std).argmax(1) == y).float().mean().item() * 100
+    assert rows["eval, float32"]["clean"] == pytest.approx(direct)
+    assert set(rows) == {"train, float32", "train, bfloat16", "eval, float32", "eval, bfloat16"}
+    assert "| train, bfloat16 |" in co_probe.table(rows)
+    with pytest.raises(SystemExit, match="training checkpoint.*--arch"):
+        co_probe.load(str(tmp_path / "ckpt"))
