@@ -16,6 +16,7 @@ import torch
 
 from edl_timm.attacks import parse_eps
 from edl_timm.data import load_image_split, random_subset
+from edl_timm.evaluation import pixel_model
 from edl_timm.hub import create_model
 from edl_timm.objectives import TRAINING_OBJECTIVES, objective_loss
 
@@ -42,7 +43,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=128)
     args = ap.parse_args()
     args.eps, args.alpha = parse_eps(args.eps), parse_eps(args.alpha)
-    model = create_model(args.model, require_edl=False)
+    model = pixel_model(create_model(args.model, require_edl=False))  # images in [0, 1], as training feeds them
     images, labels = load_image_split(args.dataset, "train")[:2]
     idx = random_subset(labels, args.batches * args.batch_size, seed=1)
     print("| batch | loss float32 | loss bf16 | input identical | gradient cosine |")
@@ -52,7 +53,7 @@ def main():
         x = images[i].float().div(255).contiguous(memory_format=torch.channels_last)
         (l32, x32, g32), (l16, x16, g16) = (step(model, x, labels[i], args, b, bf16) for bf16 in (False, True))
         same = ((x32 - x16).abs() < 1e-6).float().mean().item()
-        cos = torch.nn.functional.cosine_similarity(g32, g16, dim=0).item()
+        cos = torch.nn.functional.cosine_similarity(g32.double(), g16.double(), dim=0).item()  # float64: a float32 cosine of 11 M values can print above 1
         print(f"| {b} | {l32:.4f} | {l16:.4f} | {100 * same:.1f}% | {cos:.4f} |")
 
 

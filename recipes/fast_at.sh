@@ -20,8 +20,8 @@
 #   ref: fast-AT with the two further knobs of the reference, measured on the seed study's narrow twin
 #        (docs/results.md): every BN weight starts at 1 (zero_init_last=False; timm zeroes each block's
 #        last one) and weight decay covers norms and biases too (--weight-decay-norms).
-#        At half width FGSM-RS overfits catastrophically with them (PGD-10 0% by epoch 3, seed 0);
-#        nfgsm_ref is N-FGSM with the same knobs.
+#        At half width the fast-AT run overfits catastrophically with them within three epochs, under
+#        FGSM-RS and N-FGSM (nfgsm_ref) alike; zinit and wdall take one knob each (docs/results.md).
 #
 # Releases (full width only): releval_<run> evaluates by docs/evaluation.md's protocol into
 # <run>/release_report.json: clean on all 10,000 test images; PGD-20 and AutoAttack's ATTACKS (default
@@ -35,8 +35,8 @@
 # exist; NOTES="..." goes on the card.
 #
 #     WIDTH=half|full EPOCHS=5 bash recipes/fast_at.sh RUN_ROOT VARIANT...
-#     VARIANT: twin_tri edl_tri twin_ref edl_ref twin_nfgsm edl_nfgsm twin_nfgsm_ref edl_nfgsm_ref twin_cos edl_cos
-#              (train),
+#     VARIANT: twin_tri edl_tri twin_ref edl_ref twin_zinit twin_wdall twin_nfgsm edl_nfgsm twin_nfgsm_ref
+#              edl_nfgsm_ref twin_cos edl_cos (train),
 #              eval_<run> (clean, PGD-20 and APGD-CE with one restart, on the same seeded 1,000 test images),
 #              releval_<run>, relextra_<run>, release_twin_tri, release_edl_tri
 set -uo pipefail
@@ -116,6 +116,8 @@ for v in "$@"; do
         edl_tri)  train edl_tri fast_at num_iters=1 ;;
         twin_ref) train twin_ref fast_at_ref mode=none zero_init_last=False ;;
         edl_ref)  train edl_ref fast_at_ref num_iters=1 zero_init_last=False ;;
+        twin_zinit) train twin_zinit fast_at mode=none zero_init_last=False ;;
+        twin_wdall) train twin_wdall fast_at_ref mode=none ;;
         twin_cos) train twin_cos released mode=none ;;
         twin_nfgsm) train twin_nfgsm nfgsm mode=none ;;
         edl_nfgsm)  train edl_nfgsm nfgsm num_iters=1 ;;
