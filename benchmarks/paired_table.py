@@ -90,27 +90,32 @@ def _order(keys):
         ["corr mean"] if "corr mean" in keys else [])
 
 
-def twin_of(run: str, twin: str, suffix_twins: Dict[str, str]) -> str:
+def suffix_twins(natural_twin: Optional[str], ref_twin: Optional[str]) -> Dict[str, str]:
+    """Each recipe suffix's twin (``_nat``: the natural twin, ``_ref``: the reference-knob twin), where given."""
+    return {s: t for s, t in (("_nat", natural_twin), ("_ref", ref_twin)) if t}
+
+
+def twin_of(run: str, twin: str, by_suffix: Dict[str, str]) -> str:
     """The twin ``run`` pairs with: the one of its recipe's suffix (``_nat``: ``twin_nat``), else ``twin``."""
-    for suffix, other in suffix_twins.items():
+    for suffix, other in by_suffix.items():
         if run.endswith(suffix) and run != other:
             return other
     return twin
 
 
-def variants(root: Path, twin: str, suffix_twins: Dict[str, str], natural_twin: Optional[str]) -> Dict[str, str]:
+def variants(root: Path, twin: str, by_suffix: Dict[str, str], natural_twin: Optional[str]) -> Dict[str, str]:
     """Every run of the study but the twin and the natural twin, each with the twin it pairs with. The
     natural twin is no variant of the adversarially trained twin (no attack at all); ``twin_ref`` is one
     (the same attack, the reference's knobs) as well as the twin of the ``_ref`` variants."""
     runs = sorted({p.name for s in seed_dirs(root) for p in s.iterdir() if p.is_dir()})
-    return {r: twin_of(r, twin, suffix_twins) for r in runs if r not in (twin, natural_twin)}
+    return {r: twin_of(r, twin, by_suffix) for r in runs if r not in (twin, natural_twin)}
 
 
 def table(root: Path, twin: str, natural_twin: Optional[str], ref_twin: Optional[str] = None) -> str:
-    suffix_twins = {s: t for s, t in (("_nat", natural_twin), ("_ref", ref_twin)) if t}
+    by_suffix = suffix_twins(natural_twin, ref_twin)
     base = absolute(root, twin)
     keys = _order(base)
-    cols = {r: paired(root, r, t) for r, t in variants(root, twin, suffix_twins, natural_twin).items()}
+    cols = {r: paired(root, r, t) for r, t in variants(root, twin, by_suffix, natural_twin).items()}
     lines = [f"| metric | {twin} (mean) | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for k in keys:
         cells = []
@@ -127,7 +132,7 @@ def table(root: Path, twin: str, natural_twin: Optional[str], ref_twin: Optional
     lines.append(f"| seeds paired | {n_twin} | " + " | ".join(str(max((x["seeds"] for x in d.values()), default=0))
                                                           for d in cols.values()) + " |")
     seeds = [s.name for s in seed_dirs(root)]
-    others = "".join(f"; `{s}` variants minus {t}" for s, t in suffix_twins.items())
+    others = "".join(f"; `{s}` variants minus {t}" for s, t in by_suffix.items())
     note = (f"Each cell: the variant minus its twin of the same seed ({twin}{others}), "
             f"the mean over the seeds both finished (of {', '.join(seeds)}) ± the 95% t interval over them; "
             "**bold**: the interval excludes 0.")
@@ -148,8 +153,8 @@ def main(argv=None):
         return 2
     print(table(root, args.twin, args.natural_twin, args.ref_twin))
     if args.json:
-        suffix_twins = {"_nat": args.natural_twin, "_ref": args.ref_twin}
-        out = {r: paired(root, r, t) for r, t in variants(root, args.twin, suffix_twins, args.natural_twin).items()}
+        by_suffix = suffix_twins(args.natural_twin, args.ref_twin)
+        out = {r: paired(root, r, t) for r, t in variants(root, args.twin, by_suffix, args.natural_twin).items()}
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
 
