@@ -3,8 +3,8 @@
 images, the model's accuracy on the clean images, on the single-step training attacks' own
 examples (FGSM with a random start, N-FGSM) and under PGD-10, each in training mode (batch
 statistics, as the training attack sees the model) and in eval mode, in float32 and under CPU
-bfloat16 autocast. A model that classifies its single-step adversarial examples better than the
-clean images while PGD-10 finds almost none it still gets right has learned the one-step
+bfloat16 autocast. A model that classifies its single-step adversarial examples about as well as the
+clean images, or better, while PGD-10 finds almost none it still gets right has learned the one-step
 perturbation as a feature: catastrophic overfitting (Wong et al. 2020), not a weak PGD. The
 float32 and bfloat16 rows side by side say whether the precision has anything to do with it.
 

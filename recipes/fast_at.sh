@@ -20,7 +20,7 @@
 #   ref: fast-AT with the two further knobs of the reference, measured on the seed study's narrow twin
 #        (docs/results.md): every BN weight starts at 1 (zero_init_last=False; timm zeroes each block's
 #        last one) and weight decay covers norms and biases too (--weight-decay-norms).
-#        At half width the fast-AT run overfits catastrophically with them within three epochs, under
+#        At half width the fast-AT run overfits catastrophically with them within two epochs, under
 #        FGSM-RS and N-FGSM (nfgsm_ref) alike; zinit and wdall take one knob each (docs/results.md).
 #
 # Releases (full width only): releval_<run> evaluates by docs/evaluation.md's protocol into
