@@ -109,6 +109,15 @@ def training_summary(args: Dict[str, Any]) -> str:
     return f"{how} for {length}{schedule}"
 
 
+def early_stop_summary(args: Dict[str, Any], stop: Dict[str, Any]) -> str:
+    """What --early-stop did, in words, from the run's metrics.json record (whose epochs count from 0)."""
+    key = next(k for k in stop if k.startswith("pgd"))
+    best = stop["best_epoch"] + 1
+    return (f"after epoch {stop['epoch'] + 1} of {args.get('epochs')}, whose held-out {key[:-4].upper()} accuracy "
+            f"({stop[key]:.1f}%) fell more than {args.get('early_stop'):g} points below epoch {best}'s "
+            f"({stop['best_' + key]:.1f}%); these are epoch {best}'s weights")
+
+
 def model_description(architecture: str, model_args: Dict[str, Any]) -> str:
     """What the network is: EDL layers (and which mode), or the plain twin without them."""
     if model_args.get("mode") == "none":
@@ -307,8 +316,8 @@ def build_release(
         "threat_model": dict(report["threat_model"]),
         "recipe": {k: args[k] for k in ("adv", "eps", "alpha", "steps", "epochs", "max_steps", "batch_size", "lr", "optimizer",
                                         "momentum", "schedule", "warmup_epochs", "peak_momentum", "weight_decay",
-                                        "weight_decay_norms", "elastic_from_epoch", "mixed_precision", "train_subset",
-                                        "seed") if k in args} or {"note": "no args.json in the training output"},
+                                        "weight_decay_norms", "elastic_from_epoch", "early_stop", "mixed_precision",
+                                        "train_subset", "seed") if k in args} or {"note": "no args.json in the training output"},
         "metrics": metrics_from_report(report) + [
             m for r in extra_reports if r["schema"] == "edl-timm/eval-report/1" for m in metrics_from_report(r)
             if m["attack"] != "clean"],
@@ -319,6 +328,8 @@ def build_release(
     for key, value in (("images_per_s", done.get("images_per_s")), ("train_hours", done.get("train_seconds"))):
         if value is not None and "note" not in cfg["recipe"]:
             cfg["recipe"][key] = round(value / 3600, 2) if key == "train_hours" else round(value, 1)
+    if done.get("early_stop") and "note" not in cfg["recipe"]:
+        cfg["recipe"]["stopped_early"] = early_stop_summary(args, done["early_stop"])
     cfg_name = f"{arch}.{tag}.yaml"
     if hub_configs_dir and (Path(hub_configs_dir) / cfg_name).exists() and not replace_hub_config:
         raise FileExistsError(

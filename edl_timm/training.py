@@ -106,6 +106,10 @@ class TrainConfig:
     trades_beta: float = option(6.0, "TRADES' weight of the KL term", "adversarial", type=float)
     elastic_from_epoch: int = option(0, "train EDL layers as Vanilla DL before this epoch", "adversarial", type=int)
     eval_pgd_steps: int = option(10, "PGD steps of the per-epoch evaluation", "adversarial", type=int)
+    early_stop: Optional[float] = option(None, "guard against catastrophic overfitting: stop when an epoch's held-out PGD "
+                                         "accuracy falls more than this many points below the best epoch's, and keep "
+                                         "the best epoch's weights (the fast-AT reference's --early-stop). None: off",
+                                         "adversarial", type=float, metavar="POINTS")
     # output and checkpoints
     output_dir: str = option("runs/train", "the run's folder", "output", required=True)
     checkpoint_every: Optional[int] = option(None, "also checkpoint every N steps (always at each epoch)", "output", type=int)
@@ -282,9 +286,13 @@ def _latest_checkpoint(output_dir: Path) -> Optional[Path]:
     return ckpts[-1] if ckpts else None
 
 
-def _save_checkpoint(accelerator, net: nn.Module, output_dir: Path, state: Dict[str, Any], keep: int, cfg: TrainConfig) -> None:
+def _save_checkpoint(accelerator, net: nn.Module, output_dir: Path, state: Dict[str, Any], keep: int, cfg: TrainConfig,
+                     best: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """``save_state`` into a temporary folder, then one rename: a crash while writing leaves the
-    previous checkpoint as it was (accelerate's own ``total_limit`` rotation writes in place)."""
+    previous checkpoint as it was (accelerate's own ``total_limit`` rotation writes in place).
+    ``best``: --early-stop's best weights, saved beside (``BEST_WEIGHTS``)."""
+    from safetensors.torch import save_file
+
     root = output_dir / "checkpoints"
     final = root / f"step_{state['step']:08d}"
     tmp = root / f".tmp_step_{state['step']:08d}"
@@ -299,10 +307,16 @@ def _save_checkpoint(accelerator, net: nn.Module, output_dir: Path, state: Dict[
         if (final / "trainer_state.json").exists():
             # the epoch-end checkpoint of a step that a --checkpoint-every one already holds: the
             # files are the same (evaluation changes no state), only the position moves on; one
-            # atomic rename, where deleting the folder first would leave a moment with neither
+            # atomic rename, where deleting the folder first would leave a moment with neither; the
+            # epoch's evaluation may have made a new best, written (renamed into place) first
+            if best is not None:
+                save_file(best, str(final / f".{BEST_WEIGHTS}"), metadata={"epoch": str(state["best_epoch"])})
+                os.replace(final / f".{BEST_WEIGHTS}", final / BEST_WEIGHTS)
             write_atomic(final / "trainer_state.json", json.dumps(state))
             shutil.rmtree(tmp, ignore_errors=True)
         else:
+            if best is not None:
+                save_file(best, str(tmp / BEST_WEIGHTS), metadata={"epoch": str(state["best_epoch"])})
             (tmp / "trainer_state.json").write_text(json.dumps(state))  # last: it marks the folder complete
             os.replace(tmp, final)
         done = sorted((p for p in root.glob("step_*")), key=lambda p: int(p.name.split("_")[1]))
@@ -369,6 +383,7 @@ def _params_checksum(model: nn.Module) -> torch.Tensor:
 
 # what a run writes into its --output-dir (and --overwrite deletes): nothing else there is touched
 _RUN_FILES = ("model.safetensors", "config.json", "args.json", "metrics.json", "log.jsonl", "checkpoints", ".final_tmp")
+BEST_WEIGHTS = "best_epoch.safetensors"  # in a checkpoint of an --early-stop run: the best epoch's weights
 
 
 def _check_numbers(cfg: TrainConfig) -> None:
@@ -395,6 +410,9 @@ def _check_numbers(cfg: TrainConfig) -> None:
     need(cfg.keep_checkpoints >= 1, "keep-checkpoints", cfg.keep_checkpoints, "at least 1")
     need(cfg.elastic_from_epoch >= 0, "elastic-from-epoch", cfg.elastic_from_epoch, "0 or more")
     need(cfg.eval_pgd_steps >= 0, "eval-pgd-steps", cfg.eval_pgd_steps, "0 or more")
+    need(cfg.early_stop is None or cfg.early_stop > 0, "early-stop", cfg.early_stop, "above 0 (points of PGD accuracy)")
+    need(cfg.early_stop is None or cfg.eval_pgd_steps >= 1, "eval-pgd-steps", cfg.eval_pgd_steps,
+         "at least 1 with --early-stop, which watches the per-epoch PGD accuracy")
     # eps is in [0, 1] pixels; parse_eps reads "8" as 8/255, so "--eps 300" arrives as 1.18
     need(0 < cfg.eps < 1, "eps", f"{cfg.eps:g}", "in (0, 1) pixels, e.g. 8/255 (a value above 1 is read as x/255)")
     need(cfg.alpha is None or 0 < cfg.alpha < 1, "alpha", cfg.alpha, "in (0, 1) pixels, e.g. 2/255")
@@ -535,14 +553,19 @@ class _RunState:
     loss: float = float("nan")
     log_lines: int = 0
     train_seconds: float = 0.0
+    # --early-stop: the best epoch so far and its held-out figures; what stopped the run, once it has
+    best_epoch: int = -1
+    best_metrics: Optional[Dict[str, Any]] = None
+    early_stop: Optional[Dict[str, Any]] = None
 
     def saved(self, seconds_since_start: float) -> Dict[str, Any]:
         return dict(dataclasses.asdict(self), train_seconds=self.train_seconds + seconds_since_start)
 
 
-def _resume(cfg: TrainConfig, accelerator, output_dir: Path) -> _RunState:
+def _resume(cfg: TrainConfig, accelerator, output_dir: Path) -> Tuple[_RunState, Optional[Dict[str, torch.Tensor]]]:
     """Load the checkpoint ``cfg.resume`` names (or the latest, for "auto") into the prepared objects;
-    returns where the run stands (a fresh state when there is nothing to resume)."""
+    returns where the run stands (a fresh state when there is nothing to resume) and, under
+    --early-stop, the best epoch's weights the checkpoint holds."""
     ckpt = None
     if cfg.resume:
         # "auto" with nothing saved yet (a run killed before its first checkpoint) starts afresh
@@ -550,17 +573,28 @@ def _resume(cfg: TrainConfig, accelerator, output_dir: Path) -> _RunState:
         if cfg.resume != "auto" and not (ckpt / "trainer_state.json").exists():
             raise TrainingInputError(f"no complete checkpoint to resume from at {ckpt}")
     if ckpt is None:
-        return _RunState()
+        return _RunState(), None
+    best = None
     try:
         accelerator.load_state(str(ckpt))
         state = json.loads((ckpt / "trainer_state.json").read_text())
+        if cfg.early_stop is not None and state.get("best_metrics") is not None:
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+
+            with safe_open(str(ckpt / BEST_WEIGHTS), "pt") as f:
+                if (f.metadata() or {}).get("epoch") != str(state["best_epoch"]):
+                    raise ValueError(f"{BEST_WEIGHTS} is not epoch {state['best_epoch']}'s, which trainer_state.json names")
+            best = load_file(str(ckpt / BEST_WEIGHTS))
     except Exception as e:  # safetensors, torch.load and json each raise their own types on a damaged file
         raise TrainingInputError(
             f"checkpoint {ckpt} cannot be loaded ({type(e).__name__}: {e}): a file in it is truncated or corrupt. "
             "Delete that folder to resume from the checkpoint before it, or pass --overwrite to start over"
         ) from e
     known = {f.name for f in dataclasses.fields(_RunState)}
-    return _RunState(**{k: v for k, v in state.items() if k in known})
+    if cfg.early_stop is None:  # a guarded run resumed without the guard forgets its best epoch
+        known -= {"best_epoch", "best_metrics"}
+    return _RunState(**{k: v for k, v in state.items() if k in known}), best
 
 
 class _RunLog:
@@ -603,6 +637,7 @@ class _Job:
     output_dir: Path
     started: float = dataclasses.field(default_factory=time.time)
     images_seen: int = 0
+    best_state: Optional[Dict[str, torch.Tensor]] = None  # --early-stop's best epoch's weights (net's state, on the host)
 
     def elapsed(self) -> float:
         return time.time() - self.started
@@ -677,7 +712,7 @@ def _prepare(cfg: TrainConfig) -> _Job:
 def _start(cfg: TrainConfig, job: _Job) -> Tuple[_RunState, "_RunLog"]:
     """Resume from a checkpoint or start afresh; open the log (and accelerate's trackers)."""
     accelerator = job.accelerator
-    run = _resume(cfg, accelerator, job.output_dir)
+    run, job.best_state = _resume(cfg, accelerator, job.output_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if cfg.overwrite:
@@ -734,33 +769,66 @@ def _train_epoch(cfg: TrainConfig, job: _Job, run: _RunState, log: "_RunLog", ba
             log({"step": run.step, "epoch": run.epoch, "loss": run.loss, "lr": optimizer.param_groups[0]["lr"]})
         if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step < job.total_steps:
             run.log_lines = log.lines
-            _save_checkpoint(accelerator, net, job.output_dir, run.saved(job.elapsed()), cfg.keep_checkpoints, cfg)
+            _save_checkpoint(accelerator, net, job.output_dir, run.saved(job.elapsed()), cfg.keep_checkpoints, cfg,
+                             job.best_state)
         if run.step >= job.total_steps:
             return True
     return False
 
 
-def _end_epoch(cfg: TrainConfig, job: _Job, run: _RunState, log: "_RunLog", done: bool) -> Dict[str, Any]:
-    """Evaluate on the held-out images, log, and checkpoint (unless the run is done: the final save
-    follows). Returns the evaluation's metrics."""
+def _guard(cfg: TrainConfig, job: _Job, run: _RunState, metrics: Dict[str, Any]) -> bool:
+    """--early-stop at an epoch's end: an epoch at least as robust as the best so far becomes the best
+    (its weights copied to the host, and saved with each checkpoint); one more than
+    ``cfg.early_stop`` points below it has overfit catastrophically. True then, with the best epoch's
+    weights back in the model. Every process decides alike: the metrics are gathered ones.
+
+    Written here because accelerate's early stopping is only a flag that any process can raise
+    (``set_trigger``); which epoch to go back to, and its weights, are the run's own."""
+    key = f"pgd{cfg.eval_pgd_steps}_acc"
+    if run.best_metrics is None or metrics[key] >= run.best_metrics[key]:
+        run.best_epoch, run.best_metrics = run.epoch, {k: metrics[k] for k in ("eval_n", "clean_acc", key)}
+        net = _plain(job.accelerator, job.net)
+        with _standard_layout(net, cfg):
+            job.best_state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
+        return False
+    if metrics[key] >= run.best_metrics[key] - cfg.early_stop:
+        return False
+    run.early_stop = {"epoch": run.epoch, key: metrics[key], "best_epoch": run.best_epoch,
+                      f"best_{key}": run.best_metrics[key]}
+    _plain(job.accelerator, job.net).load_state_dict(job.best_state)  # copied into the parameters, keeping their layout
+    return True
+
+
+def _end_epoch(cfg: TrainConfig, job: _Job, run: _RunState, log: "_RunLog", done: bool) -> Tuple[Dict[str, Any], bool]:
+    """Evaluate on the held-out images, log, apply --early-stop, and checkpoint (unless the run is
+    done: the final save follows). Returns the evaluation's metrics and whether the run is done."""
     epoch_end = run.batch_in_epoch >= job.steps_per_epoch
     metrics = _evaluate(job.accelerator, job.net, job.eval_x, job.eval_y, cfg, cfg.batch_size)
     metrics.update(step=run.step, epoch=run.epoch, loss=run.loss,
                    images_per_s=job.images_seen * job.accelerator.num_processes / max(job.elapsed(), 1e-9),
                    train_seconds=round(run.saved(job.elapsed())["train_seconds"], 1))
     log(dict(metrics))
+    if epoch_end and cfg.early_stop is not None and _guard(cfg, job, run, metrics):
+        done = True
+        log({"step": run.step, "early_stop": run.early_stop})
     if epoch_end:
         run.epoch += 1
         run.batch_in_epoch = 0
     if not done:
         run.log_lines = log.lines
-        _save_checkpoint(job.accelerator, job.net, job.output_dir, run.saved(job.elapsed()), cfg.keep_checkpoints, cfg)
-    return metrics
+        _save_checkpoint(job.accelerator, job.net, job.output_dir, run.saved(job.elapsed()), cfg.keep_checkpoints, cfg,
+                         job.best_state)
+    return metrics, done
 
 
-def _finish(cfg: TrainConfig, job: _Job, metrics: Dict[str, Any]) -> Dict[str, Any]:
-    """Check that every process holds the same weights, then the final save (``_save_final``)."""
+def _finish(cfg: TrainConfig, job: _Job, run: _RunState, metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """Check that every process holds the same weights, then the final save (``_save_final``). A run
+    that --early-stop stopped reports its best epoch's held-out figures, whose weights it saves."""
     accelerator = job.accelerator
+    if cfg.early_stop is not None:
+        if run.early_stop is not None:
+            metrics.update(run.best_metrics)
+        metrics["early_stop"] = run.early_stop
     # every process must end with the same weights; a difference is a sharding or DDP bug
     sums = accelerator.gather(_params_checksum(_plain(accelerator, job.net)).to(accelerator.device))
     metrics["ranks_identical"] = bool(torch.all(sums == sums[0]).item())
@@ -789,6 +857,6 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     done = run.step >= job.total_steps
     while not done and run.epoch < cfg.epochs:
         done = _train_epoch(cfg, job, run, log, bar)
-        metrics = _end_epoch(cfg, job, run, log, done)
+        metrics, done = _end_epoch(cfg, job, run, log, done)
     bar.close()
-    return _finish(cfg, job, metrics)
+    return _finish(cfg, job, run, metrics)

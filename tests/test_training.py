@@ -614,3 +614,68 @@ def test_bad_schedule_arguments_fail_before_training(cifar_dir, tmp_path, overri
     with pytest.raises(TrainingInputError, match=message):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def scripted_evaluation(pgd_by_epoch):
+    """The per-epoch evaluation's stand-in for --early-stop: each call's PGD accuracy from the list,
+    and a clean accuracy 30 points above it."""
+    calls = iter(pgd_by_epoch)
+
+    def evaluate(accelerator, net, images, labels, cfg, batch_size):
+        pgd_acc = next(calls)
+        return {"eval_n": len(labels), "clean_acc": pgd_acc + 30.0, f"pgd{cfg.eval_pgd_steps}_acc": pgd_acc}
+    return evaluate
+
+
+def test_early_stop_goes_back_to_the_best_epochs_weights_and_a_resumed_run_remembers_them(cifar_dir, tmp_path, monkeypatch):
+    """Held-out PGD 10, 20, 12, 5 over epochs 0-3 with --early-stop 10: epoch 2 (8 below the best)
+    goes on, epoch 3 (15 below) stops the run, which saves epoch 1's weights (the epoch-1 checkpoint's,
+    written by another path) and reports epoch 1's figures. Resumed from the epoch-1 checkpoint, a run
+    knows its best epoch from the checkpoint alone and ends the same, bit for bit."""
+    import edl_timm.training as training
+    from edl_timm.publish import early_stop_summary
+
+    common = dict(model="edl_resnet18", model_kwargs=dict(TINY, mode="none"), dataset=str(cifar_dir), train_subset=64,
+                  eval_subset=16, batch_size=16, epochs=6, lr=0.05, quiet=True, early_stop=10.0, keep_checkpoints=10,
+                  checkpoint_every=4)  # each epoch's end also a step checkpoint: the best saved into a written one
+    monkeypatch.setattr(training, "_evaluate", scripted_evaluation([10.0, 20.0, 12.0, 5.0]))
+    metrics = train(TrainConfig(output_dir=str(tmp_path / "a"), **common))
+    stop = {"epoch": 3, "pgd10_acc": 5.0, "best_epoch": 1, "best_pgd10_acc": 20.0}
+    records = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "clean_acc" in r] == [0, 1, 2, 3]
+    assert records[-1] == {"step": 16, "early_stop": stop}
+    assert (metrics["step"], metrics["clean_acc"], metrics["pgd10_acc"], metrics["early_stop"]) == (16, 50.0, 20.0, stop)
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["early_stop"] == stop
+    ckpts = tmp_path / "a" / "checkpoints"
+    # step 16's was written before its evaluation stopped the run; none after
+    assert sorted(p.name for p in ckpts.iterdir()) == [f"step_{s:08d}" for s in (4, 8, 12, 16)]
+    final = weights(tmp_path / "a")
+    at = {s: {k[len("model."):]: v for k, v in weights(ckpts / f"step_{s:08d}").items() if k.startswith("model.")}
+          for s in (8, 12)}
+    assert final.keys() == at[8].keys() and all(torch.equal(final[k], at[8][k]) for k in final)
+    assert not all(torch.equal(final[k], at[12][k]) for k in final)  # epochs 2 and 3 did train
+    assert early_stop_summary({"epochs": 6, "early_stop": 10.0}, stop) == (
+        "after epoch 4 of 6, whose held-out PGD10 accuracy (5.0%) fell more than 10 points below epoch 2's (20.0%); "
+        "these are epoch 2's weights")
+
+    # step 8's checkpoint was written before epoch 1's evaluation made it the best, then updated
+    monkeypatch.setattr(training, "_evaluate", scripted_evaluation([12.0, 5.0]))
+    resumed = train(TrainConfig(output_dir=str(tmp_path / "b"), resume=str(ckpts / "step_00000008"), **common))
+    assert resumed["early_stop"] == stop and resumed["pgd10_acc"] == 20.0
+    again = weights(tmp_path / "b")
+    assert all(torch.equal(final[k], again[k]) for k in final)
+
+    # without the guard the same evaluations do not stop the run
+    monkeypatch.setattr(training, "_evaluate", scripted_evaluation([10.0, 20.0, 12.0, 5.0, 5.0, 5.0]))
+    free = train(TrainConfig(output_dir=str(tmp_path / "c"), **dict(common, early_stop=None)))
+    assert free["step"] == 24 and "early_stop" not in free
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(early_stop=0.0), "--early-stop must be above 0"),
+    (dict(early_stop=5.0, eval_pgd_steps=0), "--eval-pgd-steps must be at least 1 with --early-stop"),
+])
+def test_early_stop_needs_a_positive_drop_and_a_per_epoch_pgd(cifar_dir, tmp_path, bad, message):
+    with pytest.raises(TrainingInputError, match=message):
+        train(TrainConfig(model="edl_resnet18", model_kwargs=dict(TINY), dataset=str(cifar_dir), output_dir=str(tmp_path),
+                          quiet=True, **bad))
