@@ -654,9 +654,22 @@ def test_early_stop_goes_back_to_the_best_epochs_weights_and_a_resumed_run_remem
           for s in (8, 12)}
     assert final.keys() == at[8].keys() and all(torch.equal(final[k], at[8][k]) for k in final)
     assert not all(torch.equal(final[k], at[12][k]) for k in final)  # epochs 2 and 3 did train
-    assert early_stop_summary({"epochs": 6, "early_stop": 10.0}, stop) == (
-        "after epoch 4 of 6, whose held-out PGD10 accuracy (5.0%) fell more than 10 points below epoch 2's (20.0%); "
-        "these are epoch 2's weights")
+    summary = ("after epoch 4 of 6, whose held-out PGD10 accuracy (5.0%) fell more than 10 points below epoch 2's "
+               "(20.0%); these are epoch 2's weights")
+    assert early_stop_summary({"epochs": 6, "early_stop": 10.0}, stop) == summary
+    # the release of the stopped run says so on its card
+    from edl_timm.evaluation import evaluate
+    from edl_timm.hub import sha256_file
+    from edl_timm.publish import build_release
+
+    model = timm.create_model(f"local-dir:{tmp_path / 'a'}", pretrained=True).eval()
+    x = torch.rand(4, 3, 32, 32)
+    report = evaluate(model, x, torch.zeros(4, dtype=torch.long), source=str(tmp_path / "a"), autoattack=None, pgd_steps=1,
+                      weights_sha256=sha256_file(tmp_path / "a" / "model.safetensors"),
+                      data={"dataset": "uoft-cs/cifar10", "split": "test", "selection": "4 random tensors"})
+    cfg = build_release(tmp_path / "a", report, tmp_path / "rel", "es", hub_configs_dir=tmp_path / "configs")
+    assert cfg["recipe"]["early_stop"] == 10.0 and cfg["recipe"]["stopped_early"] == summary
+    assert f"- `stopped_early`: {summary}" in (tmp_path / "rel" / "README.md").read_text()
 
     # step 8's checkpoint was written before epoch 1's evaluation made it the best, then updated
     monkeypatch.setattr(training, "_evaluate", scripted_evaluation([12.0, 5.0]))
