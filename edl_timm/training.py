@@ -286,13 +286,20 @@ def _latest_checkpoint(output_dir: Path) -> Optional[Path]:
     return ckpts[-1] if ckpts else None
 
 
+def _save_best(folder: Path, best: Dict[str, torch.Tensor], epoch: int) -> None:
+    """--early-stop's best weights into a checkpoint folder (``BEST_WEIGHTS``, the epoch in its
+    metadata), renamed into place: a crash while writing leaves the file that was there."""
+    from safetensors.torch import save_file
+
+    save_file(best, str(folder / f".{BEST_WEIGHTS}"), metadata={"epoch": str(epoch)})
+    os.replace(folder / f".{BEST_WEIGHTS}", folder / BEST_WEIGHTS)
+
+
 def _save_checkpoint(accelerator, net: nn.Module, output_dir: Path, state: Dict[str, Any], keep: int, cfg: TrainConfig,
                      best: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """``save_state`` into a temporary folder, then one rename: a crash while writing leaves the
     previous checkpoint as it was (accelerate's own ``total_limit`` rotation writes in place).
-    ``best``: --early-stop's best weights, saved beside (``BEST_WEIGHTS``)."""
-    from safetensors.torch import save_file
-
+    ``best``: --early-stop's best weights, saved beside (``_save_best``)."""
     root = output_dir / "checkpoints"
     final = root / f"step_{state['step']:08d}"
     tmp = root / f".tmp_step_{state['step']:08d}"
@@ -310,13 +317,12 @@ def _save_checkpoint(accelerator, net: nn.Module, output_dir: Path, state: Dict[
             # atomic rename, where deleting the folder first would leave a moment with neither; the
             # epoch's evaluation may have made a new best, written (renamed into place) first
             if best is not None:
-                save_file(best, str(final / f".{BEST_WEIGHTS}"), metadata={"epoch": str(state["best_epoch"])})
-                os.replace(final / f".{BEST_WEIGHTS}", final / BEST_WEIGHTS)
+                _save_best(final, best, state["best_epoch"])
             write_atomic(final / "trainer_state.json", json.dumps(state))
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             if best is not None:
-                save_file(best, str(tmp / BEST_WEIGHTS), metadata={"epoch": str(state["best_epoch"])})
+                _save_best(tmp, best, state["best_epoch"])
             (tmp / "trainer_state.json").write_text(json.dumps(state))  # last: it marks the folder complete
             os.replace(tmp, final)
         done = sorted((p for p in root.glob("step_*")), key=lambda p: int(p.name.split("_")[1]))
@@ -580,12 +586,11 @@ def _resume(cfg: TrainConfig, accelerator, output_dir: Path) -> Tuple[_RunState,
         state = json.loads((ckpt / "trainer_state.json").read_text())
         if cfg.early_stop is not None and state.get("best_metrics") is not None:
             from safetensors import safe_open
-            from safetensors.torch import load_file
 
-            with safe_open(str(ckpt / BEST_WEIGHTS), "pt") as f:
+            with safe_open(str(ckpt / BEST_WEIGHTS), "pt") as f:  # one read: the metadata, then the tensors
                 if (f.metadata() or {}).get("epoch") != str(state["best_epoch"]):
                     raise ValueError(f"{BEST_WEIGHTS} is not epoch {state['best_epoch']}'s, which trainer_state.json names")
-            best = load_file(str(ckpt / BEST_WEIGHTS))
+                best = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors, torch.load and json each raise their own types on a damaged file
         raise TrainingInputError(
             f"checkpoint {ckpt} cannot be loaded ({type(e).__name__}: {e}): a file in it is truncated or corrupt. "
