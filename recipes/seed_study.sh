@@ -18,7 +18,8 @@
 # knobs where timm's ResNet and optimizer differ from the fast-AT reference's PreAct ResNet and SGD
 # (no zero-initialised last BN in each block; weight decay on norms and biases too), and each knob
 # alone: twin_zinit (the BN initialisation), twin_wdall (the weight decay); and edl_t1_ref, T = 1 with
-# twin_ref's knobs, which benchmarks/paired_table.py pairs with twin_ref.
+# twin_ref's knobs, which benchmarks/paired_table.py pairs with twin_ref. twin_tinit: the twin with
+# PyTorch's own convolution initialisation, the reference's, instead of timm's (conv_init=torch).
 # Evaluation, the same for every run (float32, the same seeded 500 test images, seed 0 of every
 # attack): clean, PGD-20 and APGD-CE at L-inf 8/255, L2 0.5 and L1 12 (one report per norm), and
 # generated corruptions (CIFAR-10-C's parameters: Gaussian, shot, impulse noise, zoom and Gaussian
@@ -85,6 +86,7 @@ run() {  # variant seed
         edl_t1_ref)   train edl_t1_ref "$2" fgsm num_iters=1 zero_init_last=False -- --weight-decay-norms ;;
         twin_zinit)   train twin_zinit "$2" fgsm mode=none zero_init_last=False ;;
         twin_wdall)   train twin_wdall "$2" fgsm mode=none -- --weight-decay-norms ;;
+        twin_tinit)   train twin_tinit "$2" fgsm mode=none conv_init=torch ;;
         *) echo "unknown variant $1" >&2; return 2 ;;
     esac && evaluate "$1" "$2"
 }

@@ -235,6 +235,27 @@ def test_cifar_resnet18_matches_robustbench_layout():
     assert [i["reduction"] for i in model.feature_info] == [1, 1, 2, 4, 8]
 
 
+@pytest.mark.parametrize("mode", ["none", "elastic"])
+def test_conv_init_draws_every_convolution_as_timm_or_as_pytorch_does(mode):
+    def spread(model):  # (std, largest |w|, fan_in, fan_out) of every convolution's weight
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        assert len(convs) == 20  # stem, 16 3x3, 3 downsample 1x1
+        return [(m.weight.std().item(), m.weight.abs().max().item(), m.weight[0].numel(),
+                 m.weight.shape[0] * m.weight[0, 0].numel()) for m in convs]
+
+    torch.manual_seed(0)
+    timm_init = spread(timm.create_model("edl_resnet18", mode=mode))
+    torch.manual_seed(0)
+    torch_init = spread(timm.create_model("edl_resnet18", mode=mode, conv_init="torch"))
+    for std, _, _, fan_out in timm_init:  # Kaiming normal, fan-out, ReLU gain
+        assert std == pytest.approx((2 / fan_out) ** 0.5, rel=0.1)
+    for std, top, fan_in, _ in torch_init:  # PyTorch's Conv2d: uniform on +-1/sqrt(fan_in)
+        bound = fan_in ** -0.5
+        assert top <= bound and std == pytest.approx(bound / 3 ** 0.5, rel=0.1)
+    with pytest.raises(ValueError, match="conv_init must be 'timm' or 'torch', not 'xavier'"):
+        timm.create_model("edl_resnet18", conv_init="xavier")
+
+
 def test_wide_resnet_layout():
     model = timm.create_model("edl_wide_resnet28_10", mode="none")
     assert sum(p.numel() for p in model.parameters()) == 36_479_194  # RobustBench's WRN-28-10
