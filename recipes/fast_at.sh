@@ -31,16 +31,19 @@
 # with AUDIT=1 the gradient-masking audit, whose transfer attack comes from the twin of an EDL run
 # (SURROGATE: a model folder, default RUN_ROOT/twin_<recipe>, e.g. its release folder). Then
 # relextra_<run> measures the card's other figures on the same seeded 1,000: L2 0.5 and L1 12 (PGD-20
-# and ATTACKS) and all ten generated corruptions at severities 1-5. Then release_twin_tri /
-# release_edl_tri write releases/edl_resnet18.cifar10_fastat15[_twin] and its hub config (the EDL
-# model the default tag) with scripts/push_to_hub.py --dry-run, with relextra's reports where they
-# exist; NOTES="..." goes on the card.
+# and ATTACKS) and all ten generated corruptions at severities 1-5. Then release_twin_<recipe> /
+# release_edl_<recipe> write releases/edl_resnet18.<tag>[_twin] and its hub config (the EDL model the
+# default tag) with scripts/push_to_hub.py --dry-run, with relextra's reports where they exist;
+# NOTES="..." goes on the card. Tags: cifar10_fastat15 (tri), cifar10_fastat15_ref (ref). A pair
+# replaces the one before it (releases/ holds one pair under its 100 MB): git rm the old pair's
+# release folders and hub configs first, as only one tag may be the default.
 #
 #     WIDTH=half|full EPOCHS=5 bash recipes/fast_at.sh RUN_ROOT VARIANT...
 #     VARIANT: twin_tri edl_tri twin_ref edl_ref twin_zinit twin_wdall twin_nfgsm edl_nfgsm twin_nfgsm_ref
 #              edl_nfgsm_ref twin_cos edl_cos (train),
 #              eval_<run> (clean, PGD-20 and APGD-CE with one restart, on the same seeded 1,000 test images),
-#              releval_<run>, relextra_<run>, release_twin_tri, release_edl_tri
+#              releval_<run>, relextra_<run>, release_twin_tri, release_edl_tri, release_twin_ref,
+#              release_edl_ref
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=${1:?RUN_ROOT}; shift
@@ -131,6 +134,8 @@ for v in "$@"; do
         relextra_*) release_extra "${v#relextra_}" ;;
         release_twin_tri) release twin_tri cifar10_fastat15_twin ;;
         release_edl_tri)  release edl_tri cifar10_fastat15 --default ;;
+        release_twin_ref) release twin_ref cifar10_fastat15_ref_twin ;;
+        release_edl_ref)  release edl_ref cifar10_fastat15_ref --default ;;
         *) echo "unknown variant $v" >&2; false ;;
     esac || echo "!! $v failed"
 done

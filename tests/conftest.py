@@ -21,6 +21,19 @@ from pathlib import Path  # noqa: E402
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 # a narrow ResNet-18 with one block per stage: trains in seconds on a CPU
 TINY = {"layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128)}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_release(architecture="edl_resnet18"):
+    """The shipped release of ``architecture``'s default tag: (its hub config file, its release folder),
+    read from hub_configs/ so that tests follow the release that ships rather than a tag name."""
+    import yaml
+
+    for path in sorted((ROOT / "hub_configs").glob(f"{architecture}.*.yaml")):
+        cfg = yaml.safe_load(path.read_text())
+        if cfg.get("default"):
+            return path, ROOT / "releases" / path.stem
+    raise LookupError(f"hub_configs/ has no default tag for {architecture}")
 
 
 def pytest_sessionstart(session):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY
+from conftest import TINY, default_release
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARGS = ["layers=(1,1,1,1)", "channels=(16,32,64,128)"]
@@ -151,7 +151,7 @@ def test_evaluate_never_replaces_a_file_that_is_not_this_models_report(cifar_dir
     assert res.returncode == 2 and f"--output {readme} exists and is not an evaluation report" in res.stderr
     assert readme.read_bytes() == (ROOT / "README.md").read_bytes()
     other = tmp_path / "other_report.json"
-    report = json.loads((ROOT / "releases" / "edl_resnet18.cifar10_fastat15" / "eval_report.json").read_text())
+    report = json.loads((default_release()[1] / "eval_report.json").read_text())
     other.write_text(json.dumps(report))
     before = other.read_bytes()
     res = run("evaluate.py", *common, "--output", other)
@@ -181,17 +181,19 @@ def test_push_to_hub_dry_run_never_rewrites_a_published_tag_or_the_checkout(tmp_
                "none", "--output", report, "--quiet").returncode == 0
     configs = tmp_path / "configs"
     configs.mkdir()
-    shutil.copyfile(ROOT / "hub_configs" / "edl_resnet18.cifar10_fastat15.yaml", configs / "edl_resnet18.cifar10_fastat15.yaml")
+    published = default_release()[0]  # the shipped default tag's config
+    tag = published.stem.split(".", 1)[1]
+    shutil.copyfile(published, configs / published.name)
     before, checkout = tree(configs), tree(ROOT / "hub_configs")
-    common = ["--train-dir", finished, "--eval-report", report, "--tag", "cifar10_fastat15", "--dataset-id", "uoft-cs/cifar10",
+    common = ["--train-dir", finished, "--eval-report", report, "--tag", tag, "--dataset-id", "uoft-cs/cifar10",
               "--dry-run"]
     res = run("push_to_hub.py", *common, "--output-dir", tmp_path / "rel", "--hub-configs-dir", configs)
-    assert res.returncode == 2 and "edl_resnet18.cifar10_fastat15.yaml exists: the tag 'cifar10_fastat15' is already published" in res.stderr
+    assert res.returncode == 2 and f"{published.name} exists: the tag '{tag}' is already published" in res.stderr
     assert tree(configs) == before and not (tmp_path / "rel").exists()
     # without --hub-configs-dir the hub config goes into the release folder only, never into the checkout
     res = run("push_to_hub.py", *common, "--output-dir", tmp_path / "rel")
     assert res.returncode == 0, res.stderr[-2000:]
-    assert (tmp_path / "rel" / "edl_resnet18.cifar10_fastat15.yaml").exists() and tree(ROOT / "hub_configs") == checkout
+    assert (tmp_path / "rel" / published.name).exists() and tree(ROOT / "hub_configs") == checkout
     # replacing a published tag's config takes the flag that says so
     res = run("push_to_hub.py", *common, "--output-dir", tmp_path / "rel2", "--hub-configs-dir", configs,
               "--replace-hub-config")

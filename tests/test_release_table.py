@@ -4,11 +4,11 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, default_release
+
 SCRIPT = ROOT / "benchmarks" / "release_table.py"
-SHIPPED = ROOT / "releases" / "edl_resnet18.cifar10_fastat15"
+SHIPPED = default_release()[1]
 
 
 def release(tmp_path, name, l2, corr):
