@@ -280,6 +280,36 @@ def _standard_layout(model: nn.Module, cfg: TrainConfig):
         model.to(memory_format=torch.channels_last)
 
 
+# The options a resumed run may change: where and how the run is kept and shown, where the data are
+# read from (a moved folder, or the Hub copy of a local one), and dropping --early-stop (the run then
+# forgets its best epoch). Every other option shapes the weights or the log, and a checkpoint keeps
+# them (``_recipe``) so that a resume with other values is refused rather than mixing two recipes in
+# one run whose args.json would name only the second.
+_RESUME_MAY_CHANGE = frozenset({"output_dir", "resume", "overwrite", "quiet", "log_with", "checkpoint_every",
+                                "keep_checkpoints", "num_workers", "dataset", "early_stop"})
+
+
+def _recipe(cfg: "TrainConfig") -> Dict[str, Any]:
+    """The options a checkpoint records and a resume must repeat, as JSON values."""
+    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUME_MAY_CHANGE}))
+
+
+def _check_same_recipe(cfg: "TrainConfig", ckpt: Path, state: Dict[str, Any]) -> None:
+    """Refuse to resume ``ckpt`` with options other than those it was trained with (checkpoints
+    written before the recipe was recorded are taken as they are)."""
+    saved, now = state.get("recipe"), _recipe(cfg)
+    if saved is None:
+        return
+    differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if differ:
+        def flags(values):
+            return " ".join(f"--{k.replace('_', '-')} {json.dumps(values.get(k))}" for k in differ)
+
+        raise TrainingInputError(
+            f"checkpoint {ckpt} was trained with {flags(saved)}, but this command has {flags(now)}: resume with the "
+            "run's own options, or pass --overwrite to start over (a checkpoint continues one recipe)")
+
+
 def _latest_checkpoint(output_dir: Path) -> Optional[Path]:
     ckpts = sorted((output_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
     ckpts = [p for p in ckpts if (p / "trainer_state.json").exists()]
@@ -310,6 +340,7 @@ def _save_checkpoint(accelerator, net: nn.Module, output_dir: Path, state: Dict[
     with _standard_layout(_plain(accelerator, net), cfg):
         accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
+    state = dict(state, recipe=_recipe(cfg))
     if accelerator.is_main_process:
         if (final / "trainer_state.json").exists():
             # the epoch-end checkpoint of a step that a --checkpoint-every one already holds: the
@@ -582,8 +613,9 @@ def _resume(cfg: TrainConfig, accelerator, output_dir: Path) -> Tuple[_RunState,
         return _RunState(), None
     best = None
     try:
-        accelerator.load_state(str(ckpt))
         state = json.loads((ckpt / "trainer_state.json").read_text())
+        _check_same_recipe(cfg, ckpt, state)  # before loading: other model options fail there with a vaguer message
+        accelerator.load_state(str(ckpt))
         if cfg.early_stop is not None and state.get("best_metrics") is not None:
             from safetensors import safe_open
 
@@ -591,6 +623,8 @@ def _resume(cfg: TrainConfig, accelerator, output_dir: Path) -> Tuple[_RunState,
                 if (f.metadata() or {}).get("epoch") != str(state["best_epoch"]):
                     raise ValueError(f"{BEST_WEIGHTS} is not epoch {state['best_epoch']}'s, which trainer_state.json names")
                 best = {k: f.get_tensor(k) for k in f.keys()}
+    except TrainingInputError:
+        raise
     except Exception as e:  # safetensors, torch.load and json each raise their own types on a damaged file
         raise TrainingInputError(
             f"checkpoint {ckpt} cannot be loaded ({type(e).__name__}: {e}): a file in it is truncated or corrupt. "

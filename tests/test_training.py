@@ -602,6 +602,37 @@ def test_triangle_run_resumed_mid_schedule_continues_the_same_curve(cifar_dir, t
     assert (args["schedule"], args["peak_momentum"], args["optimizer"]) == ("triangle", 0.8, "momentum")
 
 
+def test_a_checkpoint_resumes_only_with_its_own_recipe(cifar_dir, tmp_path):
+    """A checkpoint records the options that shape its run: a resume with another lr, epoch count or
+    model option is refused, naming both values, before anything is written; where and how the run
+    is kept may change (another folder, checkpoint interval), and a checkpoint written before the
+    recipe was recorded still resumes. Both resumes end with the uninterrupted run's weights."""
+    common = dict(model="edl_resnet18", model_kwargs=dict(TINY, mode="none"), dataset=str(cifar_dir), train_subset=160,
+                  eval_subset=16, batch_size=16, epochs=2, quiet=True)
+    train(TrainConfig(output_dir=str(tmp_path / "full"), **common))
+    ckpt = tmp_path / "full" / "checkpoints" / "step_00000010"
+    for override, message in [
+        (dict(lr=0.05), "was trained with --lr 0.1, but this command has --lr 0.05: resume with the run's own options"),
+        (dict(epochs=3), "was trained with --epochs 2, but this command has --epochs 3"),
+        (dict(model_kwargs=dict(TINY, mode="elastic")), '"mode": "none"}, but this command has --model-kwargs {'),
+    ]:
+        with pytest.raises(TrainingInputError) as err:
+            train(TrainConfig(output_dir=str(tmp_path / "other"), resume=str(ckpt), **dict(common, **override)))
+        assert f"checkpoint {ckpt} was trained with" in str(err.value) and message in str(err.value), str(err.value)
+        assert not (tmp_path / "other").exists()
+    train(TrainConfig(output_dir=str(tmp_path / "moved"), resume=str(ckpt), checkpoint_every=3, **common))
+    old = tmp_path / "old_ckpt"
+    shutil.copytree(ckpt, old)
+    state = json.loads((old / "trainer_state.json").read_text())
+    assert state.pop("recipe")["lr"] == 0.1
+    (old / "trainer_state.json").write_text(json.dumps(state))
+    train(TrainConfig(output_dir=str(tmp_path / "from_old"), resume=str(old), **common))
+    full = weights(tmp_path / "full")
+    for run in ("moved", "from_old"):
+        resumed = weights(tmp_path / run)
+        assert all(torch.equal(full[k], resumed[k]) for k in full), run
+
+
 @pytest.mark.parametrize("override, message", [
     (dict(schedule="triangle", warmup_epochs=1.0), "drop --warmup-epochs"),
     (dict(schedule="linear"), "--schedule must be one of cosine, step, triangle"),
