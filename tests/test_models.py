@@ -5,6 +5,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import edl_timm
 from edl_timm import EDLConv2d, EDLLinear, hub, is_edl_layer
@@ -12,6 +13,7 @@ from edl_timm.convert import EDL_ARG_NAMES, edl_layer_defaults
 
 # small sizes on CPU: each family's own code paths, fewer or narrower blocks
 SMALL = {
+    "edl_preact_resnet18": dict(channels=(16, 32, 64, 128)),
     "edl_resnet18": {},
     "edl_resnet34": {},
     "edl_resnet50": {},
@@ -261,6 +263,83 @@ def test_wide_resnet_layout():
     assert sum(p.numel() for p in model.parameters()) == 36_479_194  # RobustBench's WRN-28-10
     with pytest.raises(ValueError, match="depth must be 6n \\+ 4"):
         timm.create_model("edl_wide_resnet28_10", depth=27)
+
+
+def preact_reference(sd, x, layers, shortcut_from_input):
+    """The pre-activation ResNet written out from its definition (the fast-AT reference's
+    preact_resnet.py, RobustBench's WideResNet) with F.conv2d and F.batch_norm on a state dict: each
+    block BN-ReLU-conv3x3 (the stage's stride on its first block after the first stage)-BN-ReLU-conv3x3
+    plus the identity or a 1x1 conv of the block's input or of its pre-activation; then BN-ReLU, the
+    average pool and the classifier."""
+    def bn(t, name):
+        return F.batch_norm(t, sd[f"{name}.running_mean"], sd[f"{name}.running_var"], sd[f"{name}.weight"],
+                            sd[f"{name}.bias"], False, 0.0, 1e-5)
+
+    out = F.conv2d(x, sd["conv1.weight"], padding=1)
+    for i, n in enumerate(layers):
+        for j in range(n):
+            name, stride = f"stages.{i}.{j}", 2 if i > 0 and j == 0 else 1
+            pre = F.relu(bn(out, f"{name}.bn1"))
+            h = F.conv2d(pre, sd[f"{name}.conv1.weight"], stride=stride, padding=1)
+            h = F.conv2d(F.relu(bn(h, f"{name}.bn2")), sd[f"{name}.conv2.weight"], padding=1)
+            if f"{name}.shortcut.weight" in sd:
+                out = h + F.conv2d(out if shortcut_from_input else pre, sd[f"{name}.shortcut.weight"], stride=stride)
+            else:
+                out = h + out
+    return F.linear(F.relu(bn(out, "norm")).mean((2, 3)), sd["fc.weight"], sd["fc.bias"])
+
+
+def randomise_norms(model, seed=0):
+    """BN affine parameters and running statistics away from their initial 1 / 0, so that an
+    eval-mode forward depends on every one of them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(0.5 + torch.rand(c, generator=g))
+                m.bias.copy_(0.2 * torch.randn(c, generator=g))
+                m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("name, kwargs, layers, from_input", [
+    ("edl_preact_resnet18", dict(channels=(16, 32, 64, 128)), (2, 2, 2, 2), True),
+    ("edl_wide_resnet28_10", dict(depth=10, widen_factor=2), (1, 1, 1), False),
+])
+def test_preact_networks_compute_their_definition(name, kwargs, layers, from_input):
+    """The PreAct ResNet-18 reads its 1x1 shortcuts from the block's input, as the fast-AT reference
+    does; the WideResNet from the pre-activation, as RobustBench's does: each eval-mode forward equals
+    the network written out from its definition (preact_reference), which the other choice misses."""
+    torch.manual_seed(0)
+    model = randomise_norms(timm.create_model(name, mode="none", **kwargs)).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    sd = model.state_dict()
+    with torch.no_grad():
+        out = model(x)
+        torch.testing.assert_close(out, preact_reference(sd, x, layers, from_input), rtol=1e-4, atol=1e-4)
+        assert (out - preact_reference(sd, x, layers, not from_input)).abs().max() > 1e-2
+
+
+def test_preact_resnet18_layout_and_its_bad_arguments():
+    model = timm.create_model("edl_preact_resnet18", mode="none")
+    # by hand: stem 1,728; stages 147,968 + 525,184 + 2,098,944 + 8,392,192 (1x1 shortcuts included);
+    # the final BN 1,024; the classifier 5,130: the fast-AT reference's PreActResNet18 for 10 classes
+    assert sum(p.numel() for p in model.parameters()) == 11_172_170
+    assert [(i["num_chs"], i["reduction"]) for i in model.feature_info] == [(64, 1), (64, 1), (128, 2), (256, 4), (512, 8)]
+    edl = timm.create_model("edl_preact_resnet18")
+    assert sum(is_edl_layer(m) for m in edl.modules()) == 17  # the stem and 16 3x3 convolutions
+    torch.manual_seed(0)
+    drawn = timm.create_model("edl_preact_resnet18", mode="none", conv_init="torch")
+    for m in drawn.modules():  # PyTorch's Conv2d draw: uniform on +-1/sqrt(fan_in)
+        if isinstance(m, nn.Conv2d):
+            assert m.weight.abs().max() <= m.weight[0].numel() ** -0.5
+    for bad, message in [(dict(layers=(2, 2)), r"one positive number per stage each; got layers=\(2, 2\), channels=\(64"),
+                         (dict(shortcut_from="output"), "shortcut_from must be 'preact' or 'input', not 'output'"),
+                         (dict(conv_init="xavier"), "conv_init must be 'timm' or 'torch', not 'xavier'")]:
+        with pytest.raises(ValueError, match=message):
+            timm.create_model("edl_preact_resnet18", **bad)
 
 
 def test_unknown_mode_is_rejected():

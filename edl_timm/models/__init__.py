@@ -1,6 +1,6 @@
 """EDL model families, registered in timm on import."""
+from .preact_resnet import EDLPreActResNet, EDLWideResNet
 from .resnet import EDLResNet
 from .vision_transformer import EDLVisionTransformer
-from .wide_resnet import EDLWideResNet
 
-__all__ = ["EDLResNet", "EDLVisionTransformer", "EDLWideResNet"]
+__all__ = ["EDLPreActResNet", "EDLResNet", "EDLVisionTransformer", "EDLWideResNet"]
