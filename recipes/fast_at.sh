@@ -24,6 +24,10 @@
 #        last one) and weight decay covers norms and biases too (--weight-decay-norms).
 #        At half width the fast-AT run overfits catastrophically with them within two epochs, under
 #        FGSM-RS and N-FGSM (nfgsm_ref) alike; zinit and wdall take one knob each (docs/results.md).
+#   twin_preact_ref: the reference as closely as this code gets it: its own network (edl_preact_resnet18,
+#        mode=none: pre-activation blocks, 1x1 shortcuts on the block's input, a final BN-ReLU), PyTorch's
+#        convolution initialisation (conv_init=torch) and ref's weight decay; what is left against
+#        Wong2020Fast is the data copy, bfloat16 and the last partial batch.
 #
 # Releases (full width only): releval_<run> evaluates by docs/evaluation.md's protocol into
 # <run>/release_report.json: clean on all 10,000 test images; PGD-20 and AutoAttack's ATTACKS (default
@@ -39,7 +43,7 @@
 # release folders and hub configs first, as only one tag may be the default.
 #
 #     WIDTH=half|full EPOCHS=5 bash recipes/fast_at.sh RUN_ROOT VARIANT...
-#     VARIANT: twin_tri edl_tri twin_ref edl_ref twin_zinit twin_wdall twin_nfgsm edl_nfgsm twin_nfgsm_ref
+#     VARIANT: twin_tri edl_tri twin_ref edl_ref twin_preact_ref twin_zinit twin_wdall twin_nfgsm edl_nfgsm twin_nfgsm_ref
 #              edl_nfgsm_ref twin_cos edl_cos (train),
 #              eval_<run> (clean, PGD-20 and APGD-CE with one restart, on the same seeded 1,000 test images),
 #              releval_<run>, relextra_<run>, release_twin_tri, release_edl_tri, release_twin_ref,
@@ -63,11 +67,12 @@ nfgsm=(--adv nfgsm "${triangle[@]}")  # N-FGSM's own step: alpha = eps, noise 2 
 nfgsm_ref=("${nfgsm[@]}" --weight-decay-norms)
 released=(--adv fgsm --alpha 10/255 --schedule cosine --lr 0.1 --warmup-epochs 1 --optimizer sgd --momentum 0.9)
 
-train() {  # name recipe-array-name model-kwargs...
-    local name=$1 recipe=$2; shift 2
+train() {  # name recipe-array-name [arch=MODEL] model-kwargs...
+    local name=$1 recipe=$2 arch=edl_resnet18; shift 2
     local -n r=$recipe
+    [[ ${1:-} == arch=* ]] && arch=${1#arch=} && shift
     [ -f "$root/$name/metrics.json" ] && return 0  # written last: the run finished
-    python scripts/train.py --model edl_resnet18 --model-kwargs "${width[@]}" "$@" --output-dir "$root/$name" \
+    python scripts/train.py --model "$arch" --model-kwargs "${width[@]}" "$@" --output-dir "$root/$name" \
         "${common[@]}" "${r[@]}"
 }
 
@@ -121,6 +126,7 @@ for v in "$@"; do
         edl_tri)  train edl_tri fast_at num_iters=1 ;;
         twin_ref) train twin_ref fast_at_ref mode=none zero_init_last=False ;;
         edl_ref)  train edl_ref fast_at_ref num_iters=1 zero_init_last=False ;;
+        twin_preact_ref) train twin_preact_ref fast_at_ref arch=edl_preact_resnet18 mode=none conv_init=torch ;;
         twin_zinit) train twin_zinit fast_at mode=none zero_init_last=False ;;
         twin_wdall) train twin_wdall fast_at_ref mode=none ;;
         twin_cos) train twin_cos released mode=none ;;

@@ -20,6 +20,8 @@
 # alone: twin_zinit (the BN initialisation), twin_wdall (the weight decay); and edl_t1_ref, T = 1 with
 # twin_ref's knobs, which benchmarks/paired_table.py pairs with twin_ref. twin_tinit: the twin with
 # PyTorch's own convolution initialisation, the reference's, instead of timm's (conv_init=torch).
+# twin_preact: the reference's pre-activation network (edl_preact_resnet18, mode=none) at the same
+# narrow size (a 64-channel stem, then 16-32-64-128 channels, one block per stage), the rest the twin's.
 # Evaluation, the same for every run (float32, the same seeded 500 test images, seed 0 of every
 # attack): clean, PGD-20 and APGD-CE at L-inf 8/255, L2 0.5 and L1 12 (one report per norm), and
 # generated corruptions (CIFAR-10-C's parameters: Gaussian, shot, impulse noise, zoom and Gaussian
@@ -45,14 +47,15 @@ natural=(--adv none)
 n=${EVAL_N:-500}
 corruptions=(gaussian_noise shot_noise impulse_noise zoom_blur gaussian_blur contrast jpeg_compression)
 
-train() {  # name seed attack-array-name model-kwargs... [-- extra train.py flags]
-    local name=$1 seed=$2 attack=$3; shift 3
+train() {  # name seed attack-array-name [arch=MODEL] model-kwargs... [-- extra train.py flags]
+    local name=$1 seed=$2 attack=$3 arch=edl_resnet18; shift 3
     local -n a=$attack
     local kwargs=() extra=() out="$root/s$seed/$name"
+    [[ ${1:-} == arch=* ]] && arch=${1#arch=} && shift
     while [ $# -gt 0 ] && [ "$1" != "--" ]; do kwargs+=("$1"); shift; done
     [ "${1:-}" = "--" ] && shift && extra=("$@")
     [ -f "$out/metrics.json" ] && return 0
-    python scripts/train.py --model edl_resnet18 --model-kwargs "${narrow[@]}" "${kwargs[@]}" --output-dir "$out" \
+    python scripts/train.py --model "$arch" --model-kwargs "${narrow[@]}" "${kwargs[@]}" --output-dir "$out" \
         --seed "$seed" "${common[@]}" "${a[@]}" "${extra[@]}" ${TRAIN_EXTRA:-}
 }
 
@@ -87,6 +90,7 @@ run() {  # variant seed
         twin_zinit)   train twin_zinit "$2" fgsm mode=none zero_init_last=False ;;
         twin_wdall)   train twin_wdall "$2" fgsm mode=none -- --weight-decay-norms ;;
         twin_tinit)   train twin_tinit "$2" fgsm mode=none conv_init=torch ;;
+        twin_preact)  train twin_preact "$2" fgsm arch=edl_preact_resnet18 mode=none stem_chs=64 ;;
         *) echo "unknown variant $1" >&2; return 2 ;;
     esac && evaluate "$1" "$2"
 }
