@@ -7,7 +7,7 @@ the cosine of the two gradients. A cosine near 1 and a near-identical input say 
 follows the float32 one step for step; they do not rule out drift over thousands of steps, which
 only two full runs could show.
 
-    python benchmarks/bf16_probe.py releases/edl_resnet18.cifar10_fastat15_twin [--adv fgsm --alpha 10/255]
+    python benchmarks/bf16_probe.py releases/edl_resnet18.cifar10_fastat15_ref_twin [--adv fgsm --alpha 10/255]
 """
 import argparse
 import copy

@@ -8,7 +8,7 @@ clean images, or better, while PGD-10 finds almost none it still gets right has 
 perturbation as a feature: catastrophic overfitting (Wong et al. 2020), not a weak PGD. The
 float32 and bfloat16 rows side by side say whether the precision has anything to do with it.
 
-    python benchmarks/co_probe.py releases/edl_resnet18.cifar10_fastat15_twin
+    python benchmarks/co_probe.py releases/edl_resnet18.cifar10_fastat15_ref_twin
     python benchmarks/co_probe.py runs/half15/twin_ref/checkpoints/step_00001400 \\
         --arch edl_resnet18 --model-kwargs mode=none zero_init_last=False "channels=(32,64,128,256)"
 

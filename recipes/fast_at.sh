@@ -38,7 +38,7 @@
 # and ATTACKS) and all ten generated corruptions at severities 1-5. Then release_twin_<recipe> /
 # release_edl_<recipe> write releases/edl_resnet18.<tag>[_twin] and its hub config (the EDL model the
 # default tag) with scripts/push_to_hub.py --dry-run, with relextra's reports where they exist;
-# NOTES="..." goes on the card. Tags: cifar10_fastat15 (tri), cifar10_fastat15_ref (ref). A pair
+# NOTES="..." goes on the card. Tags: cifar10_fastat15_ref (ref, shipped), cifar10_fastat15 (tri). A pair
 # replaces the one before it (releases/ holds one pair under its 100 MB): git rm the old pair's
 # release folders and hub configs first, as only one tag may be the default.
 #
