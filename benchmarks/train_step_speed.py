@@ -10,7 +10,7 @@ script runs. Printed per cell: img/s of both, EDL time / twin time, and for bf16
 over the float32 EDL step of the same layout and objective.
 
     python benchmarks/train_step_speed.py [--models edl_resnet18 edl_vit_tiny_patch4_32] [--batch 128] [--repeats 2]
-        [--device cuda] [--compile]
+        [--device cuda] [--compile] [--channels 16 32 64 128]
     python benchmarks/train_step_speed.py --compile-vs-eager [--models edl_resnet18] [--channels 16 32 64 128]
 """
 import argparse
@@ -76,9 +76,10 @@ def table(args):
     print(f"{'model':<24} {'step':>5} {'dtype':>5} {'layout':>6} {'twin img/s':>10} {'EDL img/s':>9} {'EDL/twin':>8} "
           f"{'bf16 EDL / fp32 EDL':>19}")
     fp32_edl = {}
-    for name, adv, dtype, layout, xb, y, bf16 in cells(args):
-        twin = build(name, xb, args.compile, mode="none", num_classes=10)
-        edl = build(name, xb, args.compile, num_classes=10)
+    kwargs = {"channels": tuple(args.channels)} if args.channels else {}
+    for name, adv, dtype, layout, xb, y, bf16 in cells(args, **kwargs):
+        twin = build(name, xb, args.compile, mode="none", num_classes=10, **kwargs)
+        edl = build(name, xb, args.compile, num_classes=10, **kwargs)
         t_twin, t_edl = fastest_times([make_step(twin, xb, y, adv, bf16), make_step(edl, xb, y, adv, bf16)], args.repeats)
         if not bf16:
             fp32_edl[(name, adv, layout)] = t_edl

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch.nn as nn
 from ._config import option
 from ._files import write_atomic
 from .attacks import Normalized, parse_eps, pgd, pgd_step_size
+from .cpu import native_bf16
 from .convert import EDL_ARG_NAMES, MODEL_MODES, SELECTION_ARG_NAMES, apply_edl, convert_with_args
 from .data import fit_size, load_image_split, random_crop_flip
 from .layers import edl_layers, fit_step_sizes
@@ -701,6 +703,9 @@ def _prepare(cfg: TrainConfig) -> _Job:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), log_with=cfg.log_with,
         project_dir=str(cfg.output_dir),
     )
+    if accelerator.device.type == "cpu" and cfg.mixed_precision == "bf16" and not native_bf16():
+        warnings.warn("--mixed-precision bf16 on a CPU without bfloat16 instructions (no AVX512-BF16 or AMX): "
+                      "oneDNN emulates it, many times slower than float32; use --mixed-precision no")
     set_seed(cfg.seed)
     model = _build_model(cfg, cfg.num_classes or n_classes)
     data_cfg = model.pretrained_cfg

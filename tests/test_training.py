@@ -313,6 +313,30 @@ def test_bf16_channels_last_training_runs_fused_bf16_and_saves_the_usual_layout(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_bfloat16_instructions_warns(cifar_dir, tmp_path, monkeypatch, request, native):
+    """bfloat16 autocast without AVX512-BF16 or AMX is emulated and slower than float32: the run warns
+    (and still trains in the precision it was given); with the instructions it says nothing."""
+    import warnings as _warnings
+
+    import edl_timm.training as training
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setattr(training, "native_bf16", lambda: native)
+    AcceleratorState._reset_state(True)
+    request.addfinalizer(lambda: AcceleratorState._reset_state(True))
+    cfg = TrainConfig(model="edl_resnet18", model_kwargs=dict(TINY), dataset=str(cifar_dir), train_subset=16,
+                      eval_subset=8, batch_size=8, epochs=1, max_steps=1, mixed_precision="bf16",
+                      output_dir=str(tmp_path / "run"), quiet=True)
+    with _warnings.catch_warnings(record=True) as caught:
+        _warnings.simplefilter("always")
+        train(cfg)
+    said = [str(w.message) for w in caught if "without bfloat16 instructions" in str(w.message)]
+    assert len(said) == (0 if native else 1), said
+    assert native or "use --mixed-precision no" in said[0]
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
 KILL_RUN = ["--epochs", "2", "--checkpoint-every", "3", "--adv", "fgsm", "--train-subset", "96", "--eval-subset", "16",
             "--eval-pgd-steps", "2"]  # 6 steps an epoch: step 6 is both a --checkpoint-every and an epoch-end checkpoint
 
