@@ -200,6 +200,13 @@ def test_card_says_what_the_model_and_its_training_are_and_ships_the_audit_plot(
     build_release(train_dir, report, tmp_path / "noted", "twin_noted", hub_configs_dir=tmp_path / "configs")
     assert ("It ran no transfer attack (no surrogate was given). Note: The solver unrolled to 4 steps predicts the deployed "
             "model's class on only 30.0% of the clean images: it is another function.") in (tmp_path / "noted" / "README.md").read_text()
+    # a report whose plot is not there (made on another machine) still releases, without the plot, and says so
+    plot.unlink()
+    with pytest.warns(UserWarning, match=r"names the plot .*sweep\.png, which is not there"):
+        build_release(train_dir, report, tmp_path / "unplotted", "twin_unplotted", hub_configs_dir=tmp_path / "configs")
+    assert not (tmp_path / "unplotted" / "eps_sweep.png").exists()
+    assert "plot" not in json.loads((tmp_path / "unplotted" / "eval_report.json").read_text())["audit"]
+    assert "![PGD accuracy against eps" not in (tmp_path / "unplotted" / "README.md").read_text()
 
 
 def test_a_release_shows_other_norms_and_corruptions_beside_its_own_threat_model(release, tmp_path):
