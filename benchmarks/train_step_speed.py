@@ -56,6 +56,11 @@ def build(name, example, compile_, **kwargs):
     return torch.compile(net)
 
 
+def width_kwargs(args):
+    """The model arguments ``--channels`` asks for (none: the full width)."""
+    return {"channels": tuple(args.channels)} if args.channels else {}
+
+
 def cells(args, **model_kwargs):
     """Every measured cell, in print order: (model, step, dtype, layout, input in that layout, labels,
     bf16?); each table builds and times its own pair of models on it."""
@@ -76,7 +81,7 @@ def table(args):
     print(f"{'model':<24} {'step':>5} {'dtype':>5} {'layout':>6} {'twin img/s':>10} {'EDL img/s':>9} {'EDL/twin':>8} "
           f"{'bf16 EDL / fp32 EDL':>19}")
     fp32_edl = {}
-    kwargs = {"channels": tuple(args.channels)} if args.channels else {}
+    kwargs = width_kwargs(args)
     for name, adv, dtype, layout, xb, y, bf16 in cells(args, **kwargs):
         twin = build(name, xb, args.compile, mode="none", num_classes=10, **kwargs)
         edl = build(name, xb, args.compile, num_classes=10, **kwargs)
@@ -97,7 +102,7 @@ def compile_table(args):
           f"{'on' if fused_available() else 'UNAVAILABLE'} (eager side)")
     print(f"{'model':<24} {'step':>5} {'dtype':>5} {'layout':>6} {'eager img/s':>11} {'compiled img/s':>14} "
           f"{'compiled/eager speed':>20} {'compile s':>9}")
-    kwargs = {"channels": tuple(args.channels)} if args.channels else {}
+    kwargs = width_kwargs(args)
     for name, adv, dtype, layout, xb, y, bf16 in cells(args, **kwargs):
         eager = make_step(build(name, xb, False, num_classes=10, **kwargs), xb, y, adv, bf16)
         compiled = make_step(build(name, xb, True, num_classes=10, **kwargs), xb, y, adv, bf16)

@@ -39,14 +39,17 @@ PLOT_NAME = "eps_sweep.png"
 
 
 def audit_plot(report: Dict[str, Any]) -> Optional[Path]:
-    """The audit's eps-sweep plot named by the report, if the file is there."""
+    """The audit's eps-sweep plot named by the report, if the file is there (a warning if it is not)."""
     path = (report.get("audit") or {}).get("plot")
-    if path and not Path(path).is_file():
-        # The report names the plot as written where it was evaluated (often a path relative to
-        # that folder); the release is still whole without it, so say so rather than stop.
-        warnings.warn(f"the report's audit names the plot {path}, which is not there (from {os.getcwd()}): "
-                      "the release ships without it; put the plot at that path, or re-run the evaluation, to include it")
-    return Path(path) if path and Path(path).is_file() else None
+    if not path:
+        return None
+    if Path(path).is_file():
+        return Path(path)
+    # The report names the plot as written where it was evaluated (often a path relative to that
+    # folder); the release is still whole without it, so say so rather than stop.
+    warnings.warn(f"the report's audit names the plot {path}, which is not there (from {os.getcwd()}): "
+                  "the release ships without it; put the plot at that path, or re-run the evaluation, to include it")
+    return None
 
 
 def _eps_str(eps: float, norm: str = "Linf") -> str:
