@@ -77,11 +77,13 @@ def load_image_split(
     names = list(feature.names) if hasattr(feature, "names") else None
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
-    labels = torch.as_tensor(ds.with_format("numpy", columns=[label_column])[label_column], dtype=torch.int64)
+    # read whole columns through one slice ([:]): since datasets 4, ds[column] is a lazy Column that
+    # formats row by row, 9 s for CIFAR-10's 50,000 labels against 0.03 s for the slice
+    labels = torch.as_tensor(ds.with_format("numpy", columns=[label_column])[:][label_column], dtype=torch.int64)
     if subset is not None:
         keep = select_subset(labels, subset, seed)
         ds, labels = ds.select(keep.tolist()), labels[keep]
-    arrays = [np.asarray(im.convert("RGB")) for im in ds[image_column]]
+    arrays = [np.asarray(im.convert("RGB")) for im in ds.select_columns([image_column])[:][image_column]]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise ValueError(
