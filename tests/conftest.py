@@ -36,6 +36,30 @@ def default_release(architecture="edl_resnet18"):
     raise LookupError(f"hub_configs/ has no default tag for {architecture}")
 
 
+def script(name: str):
+    """scripts/<name> as a module, to call its main in this process (the same code as the command,
+    without starting Python and importing torch once per case)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name[:-3] + "_cli", ROOT / "scripts" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_main(capsys, name: str, *args):
+    """(exit status, stderr) of ``python scripts/<name> ARGS``, run in this process: its main returns
+    the status or argparse exits with it. A subprocess costs about 9 s here in imports alone
+    (torch, timm and the torchvision that timm's fx helpers load), so the tests of a command's
+    refusals use this, and each script keeps a subprocess test of its own (tests/test_scripts.py)."""
+    capsys.readouterr()  # what came before is not this command's
+    try:
+        status = script(name).main([str(a) for a in args])
+    except SystemExit as e:
+        status = e.code
+    return status, capsys.readouterr().err
+
+
 def pytest_sessionstart(session):
     """In CI (CI set, as .ci/run sets it) a run that would skip the data tests or the fused path is
     not green: it stops at once and says why. Elsewhere those tests skip with their reason (-rs)."""

@@ -1,6 +1,8 @@
 """A user's mistakes, as a user makes them on the command line: each command refuses before it
 computes or writes, names the argument or file at fault and what to do, and leaves every file on
-disk as it was (compared byte for byte)."""
+disk as it was (compared byte for byte). Most cases call the command's main in this process
+(conftest.run_main); the corrupt-checkpoint cases run the command as a subprocess, where an
+uncaught error would reach the user as a traceback."""
 import json
 import os
 import shutil
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, default_release
+from conftest import TINY, default_release, run_main, script
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARGS = ["layers=(1,1,1,1)", "channels=(16,32,64,128)"]
@@ -20,17 +22,6 @@ def run(script, *args):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)], capture_output=True,
                           text=True, env=env, timeout=900)
-
-
-def script(name: str):
-    """scripts/<name> as a module, to call its main in this process (the same code as the command,
-    without starting Python and importing torch once per case)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name[:-3] + "_cli", ROOT / "scripts" / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tree(path: Path):
@@ -76,33 +67,33 @@ def test_train_refuses_bad_numbers_and_arguments_before_anything_is_built(cifar_
     assert not (tmp_path / "out").exists()
 
 
-def test_train_never_overwrites_a_run_or_a_folder_it_did_not_make(cifar_dir, tmp_path, finished):
+def test_train_never_overwrites_a_run_or_a_folder_it_did_not_make(cifar_dir, tmp_path, finished, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
     (run_dir / "notes.txt").write_text("mine")
     before = tree(run_dir)
-    res = run("train.py", *train_args(cifar_dir, run_dir))
-    assert res.returncode == 2 and f"--output-dir {run_dir} holds a finished run (metrics.json)" in res.stderr
-    assert "pass --overwrite" in res.stderr and tree(run_dir) == before
-    res = run("train.py", *train_args(cifar_dir, run_dir, "--resume", "auto"))
-    assert res.returncode == 2 and "holds a finished run" in res.stderr and tree(run_dir) == before
+    status, err = run_main(capsys, "train.py", *train_args(cifar_dir, run_dir))
+    assert status == 2 and f"--output-dir {run_dir} holds a finished run (metrics.json)" in err
+    assert "pass --overwrite" in err and tree(run_dir) == before
+    status, err = run_main(capsys, "train.py", *train_args(cifar_dir, run_dir, "--resume", "auto"))
+    assert status == 2 and "holds a finished run" in err and tree(run_dir) == before
     # an unfinished run (no metrics.json): continue it or start over, never silently mix the two
     (run_dir / "metrics.json").unlink()
     before = tree(run_dir)
-    res = run("train.py", *train_args(cifar_dir, run_dir))
-    assert res.returncode == 2 and "holds an unfinished run: pass --resume auto to continue it" in res.stderr
+    status, err = run_main(capsys, "train.py", *train_args(cifar_dir, run_dir))
+    assert status == 2 and "holds an unfinished run: pass --resume auto to continue it" in err
     assert tree(run_dir) == before
     # a folder of someone else's files, with or without --overwrite
     other = tmp_path / "other"
     other.mkdir()
     (other / "thesis.tex").write_text("years of work")
     for extra in ([], ["--overwrite"]):
-        res = run("train.py", *train_args(cifar_dir, other, *extra))
-        assert res.returncode == 2 and "is not empty and holds no training run" in res.stderr
+        status, err = run_main(capsys, "train.py", *train_args(cifar_dir, other, *extra))
+        assert status == 2 and "is not empty and holds no training run" in err
         assert tree(other) == {"thesis.tex": b"years of work"}
     # --overwrite starts over: the old run's files go, the user's own file stays
-    res = run("train.py", *train_args(cifar_dir, run_dir, "--overwrite"))
-    assert res.returncode == 0, res.stderr[-2000:]
+    status, err = run_main(capsys, "train.py", *train_args(cifar_dir, run_dir, "--overwrite"))
+    assert status == 0, err[-2000:]
     assert (run_dir / "notes.txt").read_text() == "mine" and (run_dir / "metrics.json").exists()
     assert not (run_dir / "checkpoints").exists()  # the 1-epoch rerun has none; the old run's are gone
     assert json.loads((run_dir / "args.json").read_text())["epochs"] == 1
@@ -143,42 +134,43 @@ def test_evaluate_refuses_bad_numbers_before_it_loads_or_writes(cifar_dir, finis
     assert tree(finished) == before  # no progress file, no report
 
 
-def test_evaluate_never_replaces_a_file_that_is_not_this_models_report(cifar_dir, tmp_path, finished):
+def test_evaluate_never_replaces_a_file_that_is_not_this_models_report(cifar_dir, tmp_path, finished, capsys):
     readme = tmp_path / "README.md"
     shutil.copyfile(ROOT / "README.md", readme)
     common = ["--model", finished, "--dataset", cifar_dir, "--n", "8", "--steps", "1", "--autoattack", "none", "--quiet"]
-    res = run("evaluate.py", *common, "--output", readme)
-    assert res.returncode == 2 and f"--output {readme} exists and is not an evaluation report" in res.stderr
+    status, err = run_main(capsys, "evaluate.py", *common, "--output", readme)
+    assert status == 2 and f"--output {readme} exists and is not an evaluation report" in err
     assert readme.read_bytes() == (ROOT / "README.md").read_bytes()
     other = tmp_path / "other_report.json"
     report = json.loads((default_release()[1] / "eval_report.json").read_text())
     other.write_text(json.dumps(report))
     before = other.read_bytes()
-    res = run("evaluate.py", *common, "--output", other)
-    assert res.returncode == 2 and f"--output {other} is the report of other weights" in res.stderr
+    status, err = run_main(capsys, "evaluate.py", *common, "--output", other)
+    assert status == 2 and f"--output {other} is the report of other weights" in err
     assert other.read_bytes() == before and not list(tmp_path.glob("*.progress.json"))
     # the same weights' report is replaced by the new one
     mine = tmp_path / "mine.json"
-    assert run("evaluate.py", *common, "--output", mine).returncode == 0
-    assert run("evaluate.py", *common[:-1], "--output", mine).returncode == 0
+    assert run_main(capsys, "evaluate.py", *common, "--output", mine)[0] == 0
+    assert run_main(capsys, "evaluate.py", *common[:-1], "--output", mine)[0] == 0
 
 
-def test_evaluate_refuses_labels_outside_the_models_classes(cifar_dir, tmp_path):
+def test_evaluate_refuses_labels_outside_the_models_classes(cifar_dir, tmp_path, capsys):
     import timm
     from timm.models._hub import save_for_hf
 
     model = timm.create_model("edl_resnet18", num_classes=5, **TINY)
     save_for_hf(model, tmp_path / "five", model_args=dict(TINY, num_classes=5), safe_serialization=True)
-    res = run("evaluate.py", "--model", tmp_path / "five", "--dataset", cifar_dir, "--n", "8", "--autoattack", "none")
-    assert res.returncode == 2
-    assert "labels of split 'test' range over [0, 9] but the model has 5 classes" in res.stderr
+    status, err = run_main(capsys, "evaluate.py", "--model", tmp_path / "five", "--dataset", cifar_dir, "--n", "8",
+                           "--autoattack", "none")
+    assert status == 2
+    assert "labels of split 'test' range over [0, 9] but the model has 5 classes" in err
     assert sorted(p.name for p in (tmp_path / "five").iterdir()) == ["config.json", "model.safetensors"]
 
 
-def test_push_to_hub_dry_run_never_rewrites_a_published_tag_or_the_checkout(tmp_path, finished, cifar_dir):
+def test_push_to_hub_dry_run_never_rewrites_a_published_tag_or_the_checkout(tmp_path, finished, cifar_dir, capsys):
     report = tmp_path / "report.json"
-    assert run("evaluate.py", "--model", finished, "--dataset", cifar_dir, "--n", "8", "--steps", "1", "--autoattack",
-               "none", "--output", report, "--quiet").returncode == 0
+    assert run_main(capsys, "evaluate.py", "--model", finished, "--dataset", cifar_dir, "--n", "8", "--steps", "1",
+                    "--autoattack", "none", "--output", report, "--quiet")[0] == 0
     configs = tmp_path / "configs"
     configs.mkdir()
     published = default_release()[0]  # the shipped default tag's config
@@ -187,20 +179,22 @@ def test_push_to_hub_dry_run_never_rewrites_a_published_tag_or_the_checkout(tmp_
     before, checkout = tree(configs), tree(ROOT / "hub_configs")
     common = ["--train-dir", finished, "--eval-report", report, "--tag", tag, "--dataset-id", "uoft-cs/cifar10",
               "--dry-run"]
-    res = run("push_to_hub.py", *common, "--output-dir", tmp_path / "rel", "--hub-configs-dir", configs)
-    assert res.returncode == 2 and f"{published.name} exists: the tag '{tag}' is already published" in res.stderr
+    status, err = run_main(capsys, "push_to_hub.py", *common, "--output-dir", tmp_path / "rel",
+                           "--hub-configs-dir", configs)
+    assert status == 2 and f"{published.name} exists: the tag '{tag}' is already published" in err
     assert tree(configs) == before and not (tmp_path / "rel").exists()
     # without --hub-configs-dir the hub config goes into the release folder only, never into the checkout
-    res = run("push_to_hub.py", *common, "--output-dir", tmp_path / "rel")
-    assert res.returncode == 0, res.stderr[-2000:]
+    status, err = run_main(capsys, "push_to_hub.py", *common, "--output-dir", tmp_path / "rel")
+    assert status == 0, err[-2000:]
     assert (tmp_path / "rel" / published.name).exists() and tree(ROOT / "hub_configs") == checkout
     # replacing a published tag's config takes the flag that says so
-    res = run("push_to_hub.py", *common, "--output-dir", tmp_path / "rel2", "--hub-configs-dir", configs,
-              "--replace-hub-config")
-    assert res.returncode == 0 and tree(configs) != before
+    status, err = run_main(capsys, "push_to_hub.py", *common, "--output-dir", tmp_path / "rel2",
+                           "--hub-configs-dir", configs, "--replace-hub-config")
+    assert status == 0 and tree(configs) != before
     # a report that is not one
-    res = run("push_to_hub.py", *common, "--output-dir", tmp_path / "rel3", "--eval-report", ROOT / "README.md")
-    assert res.returncode == 2 and "is not an evaluation report of scripts/evaluate.py" in res.stderr
+    status, err = run_main(capsys, "push_to_hub.py", *common, "--output-dir", tmp_path / "rel3",
+                           "--eval-report", ROOT / "README.md")
+    assert status == 2 and "is not an evaluation report of scripts/evaluate.py" in err
     assert not (tmp_path / "rel3").exists()
 
 

@@ -13,6 +13,8 @@ from edl_timm import hub
 from edl_timm.data import load_image_split
 from edl_timm.evaluation import accuracy, evaluate, pixel_model, validate_report
 
+from conftest import run_main
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,22 +49,22 @@ def test_evaluate_script_with_the_audit_writes_report_table_and_plot(tiny_run, c
         assert line in done.stdout
 
 
-def test_evaluate_refuses_pixels_outside_0_1_and_unknown_models(tmp_path, cifar_dir):
+def test_evaluate_refuses_pixels_outside_0_1_and_unknown_models(tmp_path, cifar_dir, capsys):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
     with pytest.raises(ValueError, match=r"images must be in \[0, 1\]"):
         evaluate(model, torch.full((2, 3, 2, 2), 2.0), torch.zeros(2, dtype=torch.long), source="x", autoattack=None)
-    done = run("evaluate.py", "--model", "edl_resnet_nope", "--dataset", cifar_dir, "--n", 8)
-    assert done.returncode == 2 and "unknown model 'edl_resnet_nope'" in done.stderr
-    done = run("evaluate.py", "--model", str(tmp_path / "no_run"), "--dataset", cifar_dir, "--n", 8)
-    assert done.returncode == 2 and f"no such checkpoint folder: '{tmp_path / 'no_run'}'" in done.stderr
-    done = run("evaluate.py", "--model", "edl_resnet18", "--dataset", cifar_dir, "--clean-n", "0")
-    assert done.returncode == 2 and "--clean-n: expected a positive number of images or 'all', got '0'" in done.stderr
+    status, err = run_main(capsys, "evaluate.py", "--model", "edl_resnet_nope", "--dataset", cifar_dir, "--n", 8)
+    assert status == 2 and "unknown model 'edl_resnet_nope'" in err
+    status, err = run_main(capsys, "evaluate.py", "--model", str(tmp_path / "no_run"), "--dataset", cifar_dir, "--n", 8)
+    assert status == 2 and f"no such checkpoint folder: '{tmp_path / 'no_run'}'" in err
+    status, err = run_main(capsys, "evaluate.py", "--model", "edl_resnet18", "--dataset", cifar_dir, "--clean-n", "0")
+    assert status == 2 and "--clean-n: expected a positive number of images or 'all', got '0'" in err
     # a progress file that is not this evaluation's (here: not one at all) is refused and left as it was
     stale = tmp_path / "r.progress.json"
     stale.write_text("{}")
-    done = run("evaluate.py", "--model", "edl_resnet18", "--dataset", cifar_dir, "--n", 8, "--autoattack", "none",
-               "--output", tmp_path / "r.json")
-    assert done.returncode == 2 and f"error: {stale} is not a readable progress file" in done.stderr, done.stderr[-2000:]
+    status, err = run_main(capsys, "evaluate.py", "--model", "edl_resnet18", "--dataset", cifar_dir, "--n", 8,
+                           "--autoattack", "none", "--output", tmp_path / "r.json")
+    assert status == 2 and f"error: {stale} is not a readable progress file" in err, err[-2000:]
     assert stale.read_text() == "{}" and not (tmp_path / "r.json").exists()
 
 

@@ -19,7 +19,7 @@ from edl_timm.data import load_image_split
 from edl_timm.objectives import objective_loss
 from edl_timm.training import TrainConfig, TrainingInputError, train
 
-from conftest import TINY
+from conftest import TINY, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARGS = ["layers=(1,1,1,1)", "channels=(16,32,64,128)"]
@@ -108,7 +108,7 @@ def base_args(cifar_dir, out, *extra):
             "--train-subset", "128", "--eval-subset", "32", "--batch-size", "16", "--epochs", "1", "--quiet", *extra]
 
 
-def test_bad_input_fails_before_training_with_what_to_do(cifar_dir, tmp_path):
+def test_bad_input_fails_before_training_with_what_to_do(cifar_dir, tmp_path, capsys):
     cases = [
         (["--dataset", str(tmp_path / "nope")], "no such data set folder"),
         (["--model", "edl_resnet81"], "unknown model 'edl_resnet81'; did you mean edl_resnet18"),
@@ -117,9 +117,9 @@ def test_bad_input_fails_before_training_with_what_to_do(cifar_dir, tmp_path):
     ]
     for extra, message in cases:
         args = base_args(cifar_dir, tmp_path / "out") + extra
-        res = run_cli(args)
-        assert res.returncode == 2, res.stderr[-2000:]
-        assert message in res.stderr, (message, res.stderr[-2000:])
+        status, err = run_main(capsys, "train.py", *args)
+        assert status == 2, err[-2000:]
+        assert message in err, (message, err[-2000:])
         # refused before anything was built: the output folder is made only once the model is prepared
         assert not (tmp_path / "out").exists()
 
