@@ -204,6 +204,32 @@ def test_step_size_is_recomputed_for_weights_from_elsewhere(source):
     assert 0.9 / lip <= float(layer.step_size) <= 1.03 * 0.9 / lip
 
 
+@pytest.mark.parametrize("source", ["from_conv", "from_linear", "load_plain_state_dict"])
+def test_the_step_size_of_weights_from_elsewhere_does_not_depend_on_the_global_rng(source):
+    """The step size is a function of the weights: whatever torch's RNG drew for the layer's own
+    initial weights (replaced by the source's), the same source gives the same step size, bit for
+    bit, and it is the one computed from scratch for those weights."""
+    torch.manual_seed(0)
+    source_layer = nn.Conv2d(8, 16, 3, padding=1, bias=False) if source != "from_linear" else nn.Linear(12, 9)
+
+    def build(seed):
+        torch.manual_seed(seed)
+        if source == "from_conv":
+            return EDLConv2d.from_conv(source_layer)
+        if source == "from_linear":
+            return EDLLinear.from_linear(source_layer)
+        layer = EDLConv2d(8, 16, 3, padding=1)
+        layer.load_state_dict(source_layer.state_dict())
+        return layer
+
+    a, b = build(1), build(2)
+    assert torch.equal(a.step_size, b.step_size), (float(a.step_size), float(b.step_size))
+    fresh = build(3)
+    fresh._power_u = fresh._power_u.new_empty(0)
+    fresh.update_step_size(num_iters=50, input_shape=a._power_shape(None))
+    assert torch.equal(a.step_size, fresh.step_size)
+
+
 def test_step_size_follows_the_weights_in_training_only():
     torch.manual_seed(0)
     layer = EDLConv2d(3, 5, 3)

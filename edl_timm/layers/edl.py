@@ -53,6 +53,8 @@ stage, forward and backward). Everywhere else (GPU, float64, float16 autocast, B
 TorchScript, fx, torch.compile) it runs ``solve`` below, the eager reference, whose reweighting has
 a hand-written backward.
 """
+import contextlib
+import contextvars
 import math
 import time
 import weakref
@@ -81,6 +83,19 @@ DEFAULT_NORMALIZE_INPUT = True
 STEP_FACTOR = 0.9
 POWER_ITERS_INIT = 50  # iterations when the step size is computed from scratch at a new input size
 POWER_ITERS_CONSTRUCT = 20  # at construction: a rough value (random weights; training refines it)
+# Set while from_conv / from_linear build a layer whose random weights they are about to replace:
+# the construction's power iteration would be wasted work, and its vector, a warm start for the
+# copied weights, would make their step size depend on the global RNG that drew the random ones.
+_SOURCE_WEIGHTS_FOLLOW = contextvars.ContextVar("edl_source_weights_follow", default=False)
+
+
+@contextlib.contextmanager
+def _source_weights_follow():
+    token = _SOURCE_WEIGHTS_FOLLOW.set(True)
+    try:
+        yield
+    finally:
+        _SOURCE_WEIGHTS_FOLLOW.reset(token)
 
 
 def _check_edl_args(mode: str, num_iters: int, lam: float, beta_init: float, eps: float) -> None:
@@ -305,7 +320,8 @@ class _EDLMixin:
         self.register_buffer("_power_u", torch.empty(0, device=w.device), persistent=False)
         self._weight_version = -1
         self._compiled_shape: Optional[List[int]] = None  # the input size a compiled forward saw
-        self.update_step_size(num_iters=POWER_ITERS_CONSTRUCT)
+        if not _SOURCE_WEIGHTS_FOLLOW.get():
+            self.update_step_size(num_iters=POWER_ITERS_CONSTRUCT)
         _LIVE_LAYERS.add(self)
 
     def __getstate__(self):
@@ -326,7 +342,7 @@ class _EDLMixin:
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
-        if hasattr(self, "step_size"):  # nn.Conv2d/Linear.__init__ call this before _init_edl
+        if hasattr(self, "step_size") and not _SOURCE_WEIGHTS_FOLLOW.get():  # Conv2d/Linear.__init__ call this first
             self.update_step_size(num_iters=POWER_ITERS_CONSTRUCT)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -338,7 +354,10 @@ class _EDLMixin:
             if prefix + key in missing_keys:
                 missing_keys.remove(prefix + key)
         if not has_step and prefix + "weight" in state_dict:
-            self.update_step_size(num_iters=POWER_ITERS_INIT)
+            # from scratch at the same input size: a function of the loaded weight alone
+            shape = self._power_shape(None)
+            self._power_u = self._power_u.new_empty(0)
+            self.update_step_size(num_iters=POWER_ITERS_INIT, input_shape=shape)
 
     # ----------------------------------------------------------------------------------- config
     @property
@@ -615,11 +634,12 @@ class EDLConv2d(_EDLMixin, nn.Conv2d):
                 f"cannot convert a convolution with padding={conv.padding!r}, padding_mode={conv.padding_mode!r}: "
                 "EDL needs zero padding given as integers"
             )
-        layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-            bias=conv.bias is not None, dilation=conv.dilation, groups=conv.groups,
-            device=conv.weight.device, dtype=conv.weight.dtype, **kwargs,
-        )
+        with _source_weights_follow():
+            layer = cls(
+                conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                bias=conv.bias is not None, dilation=conv.dilation, groups=conv.groups,
+                device=conv.weight.device, dtype=conv.weight.dtype, **kwargs,
+            )
         with torch.no_grad():
             layer.weight.copy_(conv.weight)
             if conv.bias is not None:
@@ -734,10 +754,11 @@ class EDLLinear(_EDLMixin, nn.Linear):
         """An EDL layer whose dictionary (and bias) start from ``linear``'s weights."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        layer = cls(
-            linear.in_features, linear.out_features, bias=linear.bias is not None,
-            device=linear.weight.device, dtype=linear.weight.dtype, **kwargs,
-        )
+        with _source_weights_follow():
+            layer = cls(
+                linear.in_features, linear.out_features, bias=linear.bias is not None,
+                device=linear.weight.device, dtype=linear.weight.dtype, **kwargs,
+            )
         with torch.no_grad():
             layer.weight.copy_(linear.weight)
             if linear.bias is not None:
