@@ -51,7 +51,8 @@ def run_main(capsys, name: str, *args):
     """(exit status, stderr) of ``python scripts/<name> ARGS``, run in this process: its main returns
     the status or argparse exits with it. A subprocess costs about 9 s here in imports alone
     (torch, timm and the torchvision that timm's fx helpers load), so the tests of a command's
-    refusals use this, and each script keeps a subprocess test of its own (tests/test_scripts.py)."""
+    refusals use this; the corrupt-checkpoint tests and the slow tests of tests/test_scripts.py and
+    tests/test_hub.py still run the commands as subprocesses."""
     capsys.readouterr()  # what came before is not this command's
     try:
         status = script(name).main([str(a) for a in args])

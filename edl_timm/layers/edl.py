@@ -86,16 +86,16 @@ POWER_ITERS_CONSTRUCT = 20  # at construction: a rough value (random weights; tr
 # Set while from_conv / from_linear build a layer whose random weights they are about to replace:
 # the construction's power iteration would be wasted work, and its vector, a warm start for the
 # copied weights, would make their step size depend on the global RNG that drew the random ones.
-_SOURCE_WEIGHTS_FOLLOW = contextvars.ContextVar("edl_source_weights_follow", default=False)
+_COPYING_WEIGHTS = contextvars.ContextVar("edl_copying_weights", default=False)
 
 
 @contextlib.contextmanager
-def _source_weights_follow():
-    token = _SOURCE_WEIGHTS_FOLLOW.set(True)
+def _copying_weights():
+    token = _COPYING_WEIGHTS.set(True)
     try:
         yield
     finally:
-        _SOURCE_WEIGHTS_FOLLOW.reset(token)
+        _COPYING_WEIGHTS.reset(token)
 
 
 def _check_edl_args(mode: str, num_iters: int, lam: float, beta_init: float, eps: float) -> None:
@@ -320,7 +320,7 @@ class _EDLMixin:
         self.register_buffer("_power_u", torch.empty(0, device=w.device), persistent=False)
         self._weight_version = -1
         self._compiled_shape: Optional[List[int]] = None  # the input size a compiled forward saw
-        if not _SOURCE_WEIGHTS_FOLLOW.get():
+        if not _COPYING_WEIGHTS.get():
             self.update_step_size(num_iters=POWER_ITERS_CONSTRUCT)
         _LIVE_LAYERS.add(self)
 
@@ -342,7 +342,7 @@ class _EDLMixin:
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
-        if hasattr(self, "step_size") and not _SOURCE_WEIGHTS_FOLLOW.get():  # Conv2d/Linear.__init__ call this first
+        if hasattr(self, "step_size") and not _COPYING_WEIGHTS.get():  # Conv2d/Linear.__init__ call this first
             self.update_step_size(num_iters=POWER_ITERS_CONSTRUCT)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -634,7 +634,7 @@ class EDLConv2d(_EDLMixin, nn.Conv2d):
                 f"cannot convert a convolution with padding={conv.padding!r}, padding_mode={conv.padding_mode!r}: "
                 "EDL needs zero padding given as integers"
             )
-        with _source_weights_follow():
+        with _copying_weights():
             layer = cls(
                 conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                 bias=conv.bias is not None, dilation=conv.dilation, groups=conv.groups,
@@ -754,7 +754,7 @@ class EDLLinear(_EDLMixin, nn.Linear):
         """An EDL layer whose dictionary (and bias) start from ``linear``'s weights."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        with _source_weights_follow():
+        with _copying_weights():
             layer = cls(
                 linear.in_features, linear.out_features, bias=linear.bias is not None,
                 device=linear.weight.device, dtype=linear.weight.dtype, **kwargs,
