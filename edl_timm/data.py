@@ -83,7 +83,10 @@ def load_image_split(
     if subset is not None:
         keep = select_subset(labels, subset, seed)
         ds, labels = ds.select(keep.tolist()), labels[keep]
-    arrays = [np.asarray(im.convert("RGB")) for im in ds.select_columns([image_column])[:][image_column]]
+    images_only = ds.select_columns([image_column])
+    # decoded a slice at a time: one slice of the whole split would hold every decoded image twice
+    arrays = [np.asarray(im.convert("RGB")) for a in range(0, len(images_only), 1024)
+              for im in images_only[a:a + 1024][image_column]]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise ValueError(
