@@ -342,7 +342,7 @@ class _EDLMixin:
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
-        if hasattr(self, "step_size") and not _COPYING_WEIGHTS.get():  # Conv2d/Linear.__init__ call this first
+        if hasattr(self, "step_size"):  # nn.Conv2d/Linear.__init__ call this before _init_edl
             self.update_step_size(num_iters=POWER_ITERS_CONSTRUCT)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
