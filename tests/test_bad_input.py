@@ -158,6 +158,8 @@ def test_evaluate_refuses_labels_outside_the_models_classes(cifar_dir, tmp_path,
     import timm
     from timm.models._hub import save_for_hf
 
+    import edl_timm  # noqa: F401  (registers the models; run alone, nothing else has imported it)
+
     model = timm.create_model("edl_resnet18", num_classes=5, **TINY)
     save_for_hf(model, tmp_path / "five", model_args=dict(TINY, num_classes=5), safe_serialization=True)
     status, err = run_main(capsys, "evaluate.py", "--model", tmp_path / "five", "--dataset", cifar_dir, "--n", "8",
