@@ -56,9 +56,9 @@ def dataset_note(dataset):
     return ""
 
 
-def load(source, pretrained, device):
-    model = create_model(source, pretrained=pretrained, require_edl=False)
-    return model.to(device).eval()
+def load(source, pretrained, device, channels_last=False):
+    model = create_model(source, pretrained=pretrained, require_edl=False).to(device).eval()
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,8 +138,8 @@ def main(argv=None):
     if torch.device(args.device).type == "cpu":
         keep_freed_memory()  # page reuse: 5-10% of a CPU step for EDL models (edl_timm/cpu.py)
     try:
-        model = load(args.model, args.pretrained, args.device)
-        surrogate = load(args.surrogate, False, args.device) if args.surrogate else None
+        model = load(args.model, args.pretrained, args.device, args.channels_last)
+        surrogate = load(args.surrogate, False, args.device, args.channels_last) if args.surrogate else None
         x, y = load_image_split(args.dataset, args.split, None, args.image_column, args.label_column)
     except (CheckpointError, WeightsUnavailableError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -499,6 +499,45 @@ def test_an_edl_models_solver_settings_are_part_of_its_identity(tmp_path):
         evaluate(model, x, y, source="edl", eps=0.02, pgd_steps=2, autoattack=None, progress_path=str(path))
 
 
+def small_conv_problem(n=24, seed=0):
+    """A random conv net on 3x8x8 images (its 4-D weights can be stored NHWC) and labels it mostly gets right."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 8, 3, stride=2), nn.Flatten(),
+                          nn.Linear(8 * 3 * 3, 10)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.4 if p.dim() > 1 else 0.1))
+    model.pretrained_cfg = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    x = torch.rand(n, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[::5] = (y[::5] + 1) % 10
+    return model, x, y
+
+
+def test_a_channels_last_evaluation_says_so_and_is_another_identity(tmp_path):
+    """The same model in NHWC: the same figures (the same sums in another order; a point on the edge
+    could flip, none does here), the layout named in the report, and a progress file of the NCHW
+    evaluation refused, naming the layout, and kept. An NCHW evaluation's identity does not name a
+    layout, so the progress files written before layouts were recorded still resume."""
+    model, x, y = small_conv_problem()
+    kw = dict(source="conv", eps=0.03, pgd_steps=5, autoattack="custom", autoattack_attacks=["apgd-ce"], batch_size=8,
+              data={"dataset": "synthetic", "split": "test", "selection": "all"})
+    path = tmp_path / "r.progress.json"
+    nchw = evaluate(model, x, y, progress_path=str(path), **kw)
+    assert "memory_format" not in json.loads(path.read_text())["identity"]
+    before = path.read_bytes()
+    nhwc_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    with pytest.raises(ProgressMismatchError, match=r"differs in: memory_format\)"):
+        evaluate(nhwc_model, x, y, progress_path=str(path), **kw)
+    assert path.read_bytes() == before
+    nhwc = evaluate(nhwc_model, x, y, **kw)
+    assert nchw["model"]["memory_format"] == "contiguous" and nhwc["model"]["memory_format"] == "channels_last"
+    assert [(r["attack"], r["accuracy"]) for r in nhwc["results"]] == [(r["attack"], r["accuracy"]) for r in nchw["results"]]
+    assert 0 < nchw["robust_accuracy"] < nchw["results"][0]["accuracy"], "the problem must leave robust and flippable points"
+    validate_report(nhwc)
+
+
 def test_every_eval_config_field_is_a_flag_with_the_same_default_and_evaluate_shares_them():
     import dataclasses
     import importlib.util

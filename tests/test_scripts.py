@@ -68,6 +68,29 @@ def test_evaluate_refuses_pixels_outside_0_1_and_unknown_models(tmp_path, cifar_
     assert stale.read_text() == "{}" and not (tmp_path / "r.json").exists()
 
 
+def test_evaluate_channels_last_runs_the_model_and_its_surrogate_in_nhwc(tiny_run, cifar_dir, tmp_path, capsys, monkeypatch):
+    """--channels-last reaches the model and the audit's surrogate (each is NHWC when the report is
+    made), the report names the layout, and the figures are those of the usual layout."""
+    import edl_timm.evaluation as ev
+
+    out, _ = tiny_run
+    seen = []
+    real = ev.evaluate  # the command imports it from the package when it starts: patched there
+    monkeypatch.setattr(ev, "evaluate", lambda model, *a, surrogate=None, **k: seen.append(
+        [ev.memory_format(m) for m in (model, surrogate)]) or real(model, *a, surrogate=surrogate, **k))
+    reports = []
+    for flag in ((), ("--channels-last",)):
+        path = tmp_path / f"r{len(flag)}.json"
+        status, err = run_main(capsys, "evaluate.py", "--model", out, "--dataset", cifar_dir, "--n", 8, "--steps", 1,
+                               "--autoattack", "none", "--surrogate", out, "--output", path, "--quiet", *flag)
+        assert status == 0, err[-2000:]
+        reports.append(json.loads(path.read_text()))
+    assert seen == [["contiguous", "contiguous"], ["channels_last", "channels_last"]]
+    assert [r["model"]["memory_format"] for r in reports] == ["contiguous", "channels_last"]
+    assert [[(x["attack"], x["accuracy"]) for x in r["results"]] for r in reports] == [
+        [(x["attack"], x["accuracy"]) for x in reports[0]["results"]]] * 2
+
+
 @pytest.mark.slow
 def test_push_to_hub_dry_run_writes_the_release_and_its_config_offline(tiny_run, cifar_dir, tmp_path):
     out, _ = tiny_run

@@ -40,6 +40,9 @@ class EvalConfig:
                         required=True)
     pretrained: bool = option(False, "for a registry name: load its pretrained weights", "model")
     device: Optional[str] = option(None, "where to run (default: cuda if available, else cpu)", "model")
+    channels_last: bool = option(False, "run the model (and --surrogate) in NHWC memory layout, as timm's validate.py "
+                                 "--channels-last: on a CPU a plain ResNet's attacks run 1.4x faster, an EDL model's about as "
+                                 "fast (benchmarks/eval_speed.py); the report records the layout", "model")
     # data
     dataset: str = option("uoft-cs/cifar10", "Hub id, local parquet folder or image folder", "data")
     split: str = option("test", "the split evaluated", "data")

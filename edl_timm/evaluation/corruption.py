@@ -11,7 +11,7 @@ from .._files import write_atomic
 from ..corruptions import SEVERITIES, CorruptionDataError, describe_generated, generate, read_cifar10c
 from .measure import accuracy, check_deterministic, pixel_model
 from .progress import Progress, fingerprint, measured
-from .report import model_entry, versions
+from .report import layout_identity, model_entry, versions
 
 __all__ = ["CORRUPTION_REPORT_SCHEMA", "evaluate_corruptions", "validate_corruption_report", "format_corruption_table",
            "plot_corruptions"]
@@ -81,7 +81,7 @@ def evaluate_corruptions(
             "kind": "corruptions", "model": fingerprint(model), "images": identity_images, "clean_images": fingerprint(x, y),
             "source": what,
             "corruptions": list(corruptions), "severities": severities, "seed": seed, "batch_size": batch_size,
-            "versions": versions(),
+            "versions": versions(), **layout_identity(model),
         })
     check_deterministic(net, (x[:8].float() / 255).to(dev))
     results: List[Dict[str, Any]] = []

@@ -15,7 +15,7 @@ from ..attacks import Normalized, pgd
 from ..attacks import pgd_step_size as default_step
 from .progress import Progress, measured
 
-__all__ = ["pixel_model", "predict", "accuracy", "deterministic_kernels", "check_deterministic", "pgd_accuracy",
+__all__ = ["pixel_model", "memory_format", "predict", "accuracy", "deterministic_kernels", "check_deterministic", "pgd_accuracy",
            "autoattack_accuracy", "default_step"]
 
 _log = logging.getLogger("edl_timm.evaluation")
@@ -36,6 +36,16 @@ def pixel_model(model: nn.Module) -> Normalized:
     param = next(model.parameters(), None)
     # the normalisation's buffers where the model is (a CUDA model: x_cuda - mean_cpu would fail)
     return net.to(param.device) if param is not None else net
+
+
+def memory_format(model: nn.Module) -> str:
+    """The layout the model's convolutions run in: "channels_last" when its first 4-D weight is
+    NHWC, else "contiguous" (a convolution's output follows its weight's layout on oneDNN and cuDNN)."""
+    for p in model.parameters():
+        if p.dim() == 4:
+            nhwc = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+            return "channels_last" if nhwc else "contiguous"
+    return "contiguous"
 
 
 def _batches(n: int, batch_size: int):

@@ -11,10 +11,13 @@ import torch.nn as nn
 from ..attacks import DEFAULT_EPS, NORMS, REPORTED_ATTACKS, describe_attack
 from .masking import audit
 from .config import EvalConfig
-from .measure import accuracy, autoattack_accuracy, check_deterministic, default_step, deterministic_kernels, pgd_accuracy, pixel_model
+from .measure import (
+    accuracy, autoattack_accuracy, check_deterministic, default_step, deterministic_kernels, memory_format, pgd_accuracy,
+    pixel_model,
+)
 from .progress import Progress, fingerprint, measured
 
-__all__ = ["REPORT_SCHEMA", "validate_report", "evaluate", "format_table", "versions", "model_entry"]
+__all__ = ["REPORT_SCHEMA", "validate_report", "evaluate", "format_table", "versions", "model_entry", "layout_identity"]
 
 _log = logging.getLogger("edl_timm.evaluation")
 
@@ -45,6 +48,7 @@ REPORT_SCHEMA: Dict[str, Any] = {
             "properties": {
                 "source": {"type": "string"}, "architecture": {"type": "string"},
                 "model_args": {"type": "object"}, "weights_sha256": {"type": ["string", "null"]},
+                "memory_format": {"enum": ["contiguous", "channels_last"]},
             },
         },
         "data": {
@@ -134,7 +138,7 @@ def evaluate(
             "images": fingerprint(x, y), "clean_images": fingerprint(clean_x, clean_y), **threat,
             "pgd": [pgd_steps, step_size, restarts], "autoattack": [autoattack, list(autoattack_attacks or []), autoattack_restarts],
             "eps_sweep": list(eps_sweep) if eps_sweep is not None else None, "batch_size": batch_size, "seed": seed,
-            "versions": versions(),
+            "versions": versions(), **layout_identity(model, surrogate),
         }
         progress = Progress(progress_path, identity)
         if progress.stages:
@@ -193,10 +197,19 @@ def evaluate(
 
 
 def model_entry(model: nn.Module, source: str, weights_sha256: Optional[str]) -> Dict[str, Any]:
-    """A report's ``model``: where it came from, its architecture, its EDL arguments, its weights."""
+    """A report's ``model``: where it came from, its architecture, its EDL arguments, its weights and
+    the memory layout it ran in."""
     return {"source": source, "architecture": model.pretrained_cfg.get("architecture", type(model).__name__),
             "model_args": dict(getattr(model, "edl_cfg", None) or getattr(model, "edl_convert", None) or {}),
-            "weights_sha256": weights_sha256}
+            "weights_sha256": weights_sha256, "memory_format": memory_format(model)}
+
+
+def layout_identity(*models: Optional[nn.Module]) -> Dict[str, Any]:
+    """The models' memory layouts for a progress file's identity (the results differ in the last bits
+    between layouts), named only where one runs NHWC: the identity of an evaluation in the usual
+    layout is what it was before layouts were recorded, so its progress files still resume."""
+    formats = [memory_format(m) if m is not None else None for m in models]
+    return {"memory_format": formats} if "channels_last" in formats else {}
 
 
 def format_table(report: Dict[str, Any]) -> str:
