@@ -18,6 +18,7 @@ import yaml
 
 from ._files import write_atomic
 from .attacks import describe_attack
+from .evaluation.report import combine_reports
 from .hub import DEFAULT_ORG, CheckpointError, check_checkpoint_folder, sha256_file, validate_hub_config
 from .objectives import TRAINING_OBJECTIVES
 
@@ -291,7 +292,9 @@ def build_release(
     is replaced only with ``replace_hub_config``. ``extra_reports``: evaluation reports of other
     threat models and corruption reports of the same weights, kept in the folder
     (``eval_report_<norm>_<eps>.json``, ``corruption_report.json``), on the card, and (the attacks'
-    figures) in the hub config's metrics."""
+    figures) in the hub config's metrics; an evaluation report of the release's own threat model
+    joins ``report`` (``combine_reports``: e.g. a later AutoAttack run with more attacks beside the
+    audit of the first)."""
     train_dir, output_dir = Path(train_dir), Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise FileExistsError(f"{output_dir} is not an empty folder: choose a new --output-dir (nothing was overwritten)")
@@ -305,6 +308,14 @@ def build_release(
             f"the evaluation report is for weights {report['model'].get('weights_sha256')}, but {weights} has sha256 "
             f"{digest}: evaluate these weights (scripts/evaluate.py --model {train_dir}) before publishing them"
         )
+    # an extra report of the release's own threat model (e.g. AutoAttack run again with APGD-T after
+    # APGD-CE) joins the main report; the others are kept beside it
+    tm = report["threat_model"]
+    own = [r for r in extra_reports if r.get("schema") == "edl-timm/eval-report/1" and r.get("threat_model", {}).get("norm") ==
+           tm["norm"] and abs(float(r["threat_model"].get("eps", -1)) - float(tm["eps"])) < 1e-9]
+    for r in own:
+        report = combine_reports(report, r)
+    extra_reports = [r for r in extra_reports if not any(r is o for o in own)]
     extra_names = _extra_report_names(report, extra_reports, digest)
     arch = config["architecture"]
     args = json.loads((train_dir / "args.json").read_text()) if (train_dir / "args.json").exists() else {}

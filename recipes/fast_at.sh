@@ -38,7 +38,10 @@
 # and ATTACKS) and all ten generated corruptions at severities 1-5. Then release_twin_<recipe> /
 # release_edl_<recipe> write releases/edl_resnet18.<tag>[_twin] and its hub config (the EDL model the
 # default tag) with scripts/push_to_hub.py --dry-run, with relextra's reports where they exist;
-# NOTES="..." goes on the card. Tags: cifar10_fastat15_ref (ref, shipped), cifar10_fastat15 (tri). A pair
+# NOTES="..." goes on the card. A <run>/release_report_aat.json (the L-inf evaluation run again with
+# --aa-attacks apgd-ce apgd-t, e.g. after a release_report.json of APGD-CE alone) joins release_report.json
+# on the card (push_to_hub's --extra-reports; docs/evaluation.md, "Adding attacks to a finished report").
+# Tags: cifar10_fastat15_ref (ref, shipped), cifar10_fastat15 (tri). A pair
 # replaces the one before it (releases/ holds one pair under its 100 MB): git rm the old pair's
 # release folders and hub configs first, as only one tag may be the default.
 #
@@ -109,7 +112,8 @@ release_extra() {  # name: the other threat models and the corruptions, for the 
 release() {  # name tag [--default]
     local name=$1 tag=$2 extra=() f; shift 2
     [ ${#width[@]} -eq 0 ] || { echo "releases are of the full width (WIDTH=full)" >&2; return 1; }
-    for f in "$root/$name"/release_report_L2.json "$root/$name"/release_report_L1.json "$root/$name"/corruptions.json; do
+    for f in "$root/$name"/release_report_aat.json "$root/$name"/release_report_L2.json "$root/$name"/release_report_L1.json \
+             "$root/$name"/corruptions.json; do
         [ -f "$f" ] && extra+=("$f")
     done
     [ ${#extra[@]} -eq 0 ] || set -- "$@" --extra-reports "${extra[@]}"

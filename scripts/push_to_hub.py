@@ -30,7 +30,9 @@ def main(argv=None):
     p.add_argument("--eval-report", required=True, help="scripts/evaluate.py's JSON report for these weights")
     p.add_argument("--extra-reports", nargs="+", default=[], metavar="REPORT",
                    help="reports of the same weights beside --eval-report: evaluate.py reports of other norms "
-                        "(--norm L2, L1) and corruption reports (--corruptions), shown on the card and kept in the folder")
+                        "(--norm L2, L1) and corruption reports (--corruptions), shown on the card and kept in the folder; "
+                        "a report of --eval-report's own threat model joins it (e.g. AutoAttack run again with more "
+                        "attacks beside the first report's audit)")
     p.add_argument("--tag", required=True, help="timm tag, e.g. cifar10_fgsm_at")
     p.add_argument("--repo-id", default=None, help="default: edl-timm/<architecture>.<tag>")
     p.add_argument("--default", action="store_true", help="make this the architecture's default tag")

@@ -538,6 +538,49 @@ def test_a_channels_last_evaluation_says_so_and_is_another_identity(tmp_path):
     validate_report(nhwc)
 
 
+def test_a_later_autoattack_run_combines_with_the_report_that_holds_the_audit():
+    """The first report: PGD, AutoAttack's APGD-CE and the audit; a later one of the same model and
+    images: APGD-CE then APGD-T. Combined: the later AutoAttack figure (its APGD-CE is the first
+    report's, the same batches and seed), every other figure and the audit of the first, the minimum
+    over all; the audit's AutoAttack checks are those of the run kept. Refused, naming why: a figure
+    that differs under the same settings, AutoAttack runs that do not extend one another, two audits,
+    other weights."""
+    from edl_timm.evaluation import combine_reports
+
+    model, x, y = small_mlp_problem()
+    kw = dict(source="mlp", eps=0.02, pgd_steps=5, autoattack="custom", autoattack_restarts=1, batch_size=len(y),
+              weights_sha256="ab" * 32, data={"dataset": "synthetic", "split": "test", "selection": "all"})
+    first = evaluate(model, x, y, autoattack_attacks=["apgd-ce"], do_audit=True, surrogate=small_mlp_problem(seed=1)[0],
+                     surrogate_name="other", eps_sweep=[0.0, 0.02, 0.5], **kw)
+    later = evaluate(model, x, y, autoattack_attacks=["apgd-ce", "apgd-t"], **kw)
+    both = combine_reports(first, later)
+    by = {r["attack"]: r for r in both["results"]}
+    first_by = {r["attack"]: r for r in first["results"]}
+    aa = next(r for r in later["results"] if r["attack"] == "autoattack")
+    assert by["autoattack"] == aa and aa["settings"]["per_attack"]["apgd-ce"] == first_by["autoattack"]["accuracy"]
+    assert by["autoattack"]["settings"]["attacks"] == ["apgd-ce", "apgd-t"]
+    assert [by[k] for k in ("clean", "pgd", "transfer")] == [first_by[k] for k in ("clean", "pgd", "transfer")]
+    assert list(by) == ["clean", "pgd", "autoattack", "transfer"]
+    assert both["robust_accuracy"] == min(r["accuracy"] for r in both["results"] if r["attack"] != "clean")
+    assert both["audit"]["eps_sweep"] == first["audit"]["eps_sweep"] and both["audit"]["flags"] == first["audit"]["flags"]
+    assert [c["attacks"] for c in both["combined_from"]] == [["clean", "pgd", "transfer", "audit"], ["autoattack"]]
+    assert combine_reports(later, first)["results"] == both["results"]  # either order, the same figures
+    warned = dict(later, results=[dict(r, settings=dict(r["settings"], warnings=["a check failed"]))
+                                  if r["attack"] == "autoattack" else r for r in later["results"]])
+    assert combine_reports(first, warned)["audit"]["flags"][-1] == "AutoAttack check: a check failed"
+    assert combine_reports(first, warned)["audit"]["masking_suspected"]
+    other_pgd = dict(later, results=[dict(r, accuracy=r["accuracy"] + 12.5) if r["attack"] == "pgd" else r
+                                     for r in later["results"]])
+    only_t = dict(later, results=[dict(r, settings=dict(r["settings"], attacks=["apgd-t"])) if r["attack"] == "autoattack"
+                                  else r for r in later["results"]])
+    for bad, message in [(other_pgd, r"disagree on pgd: .* with the same settings"), (only_t, "ran AutoAttack differently"),
+                         (first, "both reports hold a masking audit"),
+                         (dict(later, model=dict(later["model"], weights_sha256="0" * 64)), "differ in their weights"),
+                         (dict(later, threat_model=dict(later["threat_model"], eps=0.03)), "differ in their threat model")]:
+        with pytest.raises(ValueError, match=message):
+            combine_reports(first, bad)
+
+
 def test_every_eval_config_field_is_a_flag_with_the_same_default_and_evaluate_shares_them():
     import dataclasses
     import importlib.util

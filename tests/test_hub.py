@@ -250,6 +250,37 @@ def test_a_release_shows_other_norms_and_corruptions_beside_its_own_threat_model
         assert not (tmp_path / "refused").exists()
 
 
+def test_a_report_of_the_releases_own_threat_model_joins_its_report(release, tmp_path):
+    """A later evaluation of the same weights, images and threat model (here: the masking audit, run
+    after the first report) is not a second file: the release holds one report with both, and its card
+    shows the audit's attacks. One that disagrees on a figure measured the same way is refused, with
+    nothing written (combine_reports itself: tests/test_evaluation.py)."""
+    model, _, _, _ = release
+    train_dir = tmp_path / "train"
+    digest = hub.sha256_file(train_dir / "model.safetensors")
+    torch.manual_seed(2)
+    x = torch.rand(8, 3, 32, 32)
+    y = model(x).argmax(1)
+    kw = dict(source=str(train_dir), autoattack=None, pgd_steps=2, weights_sha256=digest,
+              data={"dataset": "uoft-cs/cifar10", "split": "test", "selection": "8 random tensors"})
+    first = evaluate(model, x, y, **kw)
+    later = evaluate(model, x, y, do_audit=True, eps_sweep=[0.0, 8 / 255, 0.5], **kw)
+    out = tmp_path / "combined"
+    build_release(train_dir, first, out, "combined", extra_reports=[later])
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "edl_resnet18.combined.yaml", "eval_report.json",
+                                                     "model.safetensors"]  # no second report of the same threat model
+    report = json.loads((out / "eval_report.json").read_text())
+    assert [(r["attack"], r["accuracy"]) for r in report["results"]] == [(r["attack"], r["accuracy"]) for r in later["results"]]
+    assert report["audit"]["eps_sweep"] == later["audit"]["eps_sweep"]
+    assert [c["attacks"] for c in report["combined_from"]] == [["clean", "pgd"], ["unrolled", "bpda", "audit"]]
+    assert "PGD with a straight-through (BPDA) backward" in (out / "README.md").read_text()
+    disagrees = dict(later, results=[dict(r, accuracy=r["accuracy"] + 12.5) if r["attack"] == "pgd" else r
+                                     for r in later["results"]])
+    with pytest.raises(ValueError, match="disagree on pgd"):
+        build_release(train_dir, first, tmp_path / "refused", "refused", extra_reports=[disagrees])
+    assert not (tmp_path / "refused").exists()
+
+
 def test_release_refuses_weights_that_were_not_evaluated(release, tmp_path):
     _, out, _, _ = release
     report = json.loads((out / "eval_report.json").read_text())

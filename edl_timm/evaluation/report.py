@@ -17,7 +17,8 @@ from .measure import (
 )
 from .progress import Progress, fingerprint, measured
 
-__all__ = ["REPORT_SCHEMA", "validate_report", "evaluate", "format_table", "versions", "model_entry", "layout_identity"]
+__all__ = ["REPORT_SCHEMA", "validate_report", "evaluate", "format_table", "versions", "model_entry", "layout_identity",
+           "combine_reports"]
 
 _log = logging.getLogger("edl_timm.evaluation")
 
@@ -210,6 +211,75 @@ def layout_identity(*models: Optional[nn.Module]) -> Dict[str, Any]:
     layout is what it was before layouts were recorded, so its progress files still resume."""
     formats = [memory_format(m) if m is not None else None for m in models]
     return {"memory_format": formats} if "channels_last" in formats else {}
+
+
+def combine_reports(report: Dict[str, Any], other: Dict[str, Any]) -> Dict[str, Any]:
+    """One report from two evaluations of the same weights, images and threat model: every attack of
+    either, e.g. a release's report with the masking audit and a later one that ran APGD-T after
+    APGD-CE (AutoAttack's loop needs each point's earlier outcome, which a report does not keep, so
+    adding an attack means running AutoAttack again; the audit need not run again).
+
+    An attack both measured with the same settings must have the same figure (the evaluation is
+    deterministic: a difference means other weights, images or code, and is refused). Of two AutoAttack
+    runs the one whose attacks extend the other's is kept (its per-attack figures hold the other's
+    attacks too); at most one report may hold an audit. ``report``'s source, versions and date stay;
+    ``combined_from`` lists what each report gave. Raises ``ValueError`` naming what differs."""
+    for a in (report, other):
+        validate_report(a)
+    for what, key in (("weights", lambda r: r["model"].get("weights_sha256")), ("model_args", lambda r: r["model"].get("model_args")),
+                      ("data", lambda r: {k: r["data"].get(k) for k in ("dataset", "split", "selection", "n")}),
+                      ("threat model", lambda r: (r["threat_model"]["norm"], round(r["threat_model"]["eps"], 12)))):
+        if key(report) != key(other):
+            raise ValueError(f"the reports differ in their {what} ({key(report)} against {key(other)}): only evaluations "
+                             "of the same weights, images and threat model combine")
+    if report["model"].get("weights_sha256") is None:
+        raise ValueError("the reports name no weights (weights_sha256): they cannot be shown to be of the same weights")
+    if report.get("audit") and other.get("audit"):
+        raise ValueError("both reports hold a masking audit: combine a report with an audit and one without")
+    mine = {r["attack"]: r for r in report["results"]}
+    results: Dict[str, Dict[str, Any]] = dict(mine)
+    taken = []
+    for r in other["results"]:
+        old = mine.get(r["attack"])
+        if old is None:
+            results[r["attack"]] = r
+            taken.append(r["attack"])
+            continue
+        settings = {k: v for k, v in r.get("settings", {}).items() if k not in ("per_attack", "warnings", "attacks")}
+        old_settings = {k: v for k, v in old.get("settings", {}).items() if k not in ("per_attack", "warnings", "attacks")}
+        if r["attack"] == "autoattack":
+            ours, theirs = old["settings"].get("attacks", []), r["settings"].get("attacks", [])
+            extends = lambda longer, shorter: len(longer) > len(shorter) and longer[: len(shorter)] == shorter  # noqa: E731
+            if settings != old_settings or not (ours == theirs or extends(ours, theirs) or extends(theirs, ours)):
+                raise ValueError(f"the reports ran AutoAttack differently ({ours}, {old_settings} against {theirs}, {settings}): "
+                                 "combine only a run whose attacks extend the other's, with the same settings")
+            if extends(theirs, ours):
+                results["autoattack"] = r
+                taken.append("autoattack")
+            if ours != theirs:
+                continue  # the longer run is kept; its figure is the lower one by construction
+        elif settings != old_settings or (r["n"], r.get("selection")) != (old["n"], old.get("selection")):
+            raise ValueError(f"the reports measured {r['attack']} differently ({old_settings}, n={old['n']} against {settings}, "
+                             f"n={r['n']}): keep one of them")
+        if abs(r["accuracy"] - old["accuracy"]) > 1e-9:
+            raise ValueError(f"the reports disagree on {r['attack']}: {old['accuracy']:.4f}% against {r['accuracy']:.4f}% with the "
+                             "same settings: they are not evaluations of the same model and images (or it is not deterministic)")
+    order = ["clean", "pgd", "autoattack", "transfer", "unrolled", "bpda"]  # as evaluate writes them
+    combined = [results[k] for k in sorted(results, key=lambda k: order.index(k) if k in order else len(order))]
+    audit_ = report.get("audit") or other.get("audit")
+    if audit_ and "autoattack" in results:  # the audit's AutoAttack checks are those of the AutoAttack run kept
+        warned = list(results["autoattack"]["settings"].get("warnings", []))
+        flags = [f for f in audit_["flags"] if not f.startswith("AutoAttack check: ")] + [f"AutoAttack check: {w}" for w in warned]
+        audit_ = dict(audit_, autoattack_warnings=warned, flags=flags, masking_suspected=bool(flags))
+    out = dict(report, results=combined, robust_accuracy=min(r["accuracy"] for r in combined if r["attack"] != "clean"),
+               audit=audit_)
+    out["combined_from"] = [
+        {"date": report["date"], "versions": report["versions"],
+         "attacks": [r["attack"] for r in report["results"] if r["attack"] not in taken] + (["audit"] if report.get("audit") else [])},
+        {"date": other["date"], "versions": other["versions"], "attacks": taken + (["audit"] if other.get("audit") else [])},
+    ]
+    validate_report(out)
+    return out
 
 
 def format_table(report: Dict[str, Any]) -> str:
