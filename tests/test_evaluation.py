@@ -278,16 +278,22 @@ def test_straight_through_gradient_is_the_linear_analysis(mode):
 def small_mlp_problem(n=48, seed=0):
     """A random two-layer tanh network on 3x4x4 images: nonlinear, so the attacks' random starts matter
     and a result that depends on the batches or the seeds would show, and fast to attack."""
-    g = torch.Generator().manual_seed(seed)
     model = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.Tanh(), nn.Linear(32, 10)).eval()
+    return _random_problem(model, (3, 4, 4), n, seed, weight_scale=0.6, wrong_every=6)
+
+
+def _random_problem(model, image_shape, n, seed, weight_scale, wrong_every):
+    """``model`` with seeded random weights, n random images and the model's own labels but every
+    ``wrong_every``-th one changed: a few misclassified points, which no attack may count as robust."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.6 if p.dim() > 1 else 0.1))
+            p.copy_(torch.randn(p.shape, generator=g) * (weight_scale if p.dim() > 1 else 0.1))
     model.pretrained_cfg = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
-    x = torch.rand(n, 3, 4, 4, generator=g)
+    x = torch.rand(n, *image_shape, generator=g)
     with torch.no_grad():
         y = model(x).argmax(1)
-    y[::6] = (y[::6] + 1) % 10  # a few misclassified points, which no attack may count as robust
+    y[::wrong_every] = (y[::wrong_every] + 1) % 10
     return model, x, y
 
 
@@ -501,18 +507,9 @@ def test_an_edl_models_solver_settings_are_part_of_its_identity(tmp_path):
 
 def small_conv_problem(n=24, seed=0):
     """A random conv net on 3x8x8 images (its 4-D weights can be stored NHWC) and labels it mostly gets right."""
-    g = torch.Generator().manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 8, 3, stride=2), nn.Flatten(),
                           nn.Linear(8 * 3 * 3, 10)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.4 if p.dim() > 1 else 0.1))
-    model.pretrained_cfg = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
-    x = torch.rand(n, 3, 8, 8, generator=g)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    y[::5] = (y[::5] + 1) % 10
-    return model, x, y
+    return _random_problem(model, (3, 8, 8), n, seed, weight_scale=0.4, wrong_every=5)
 
 
 def test_a_channels_last_evaluation_says_so_and_is_another_identity(tmp_path):

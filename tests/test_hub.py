@@ -209,18 +209,23 @@ def test_card_says_what_the_model_and_its_training_are_and_ships_the_audit_plot(
     assert "![PGD accuracy against eps" not in (tmp_path / "unplotted" / "README.md").read_text()
 
 
+def _released_model_and_images(release, tmp_path, seed):
+    """The release fixture's model, its training folder and weights' sha256, 8 random images and the
+    model's own labels for them."""
+    model = release[0]
+    train_dir = tmp_path / "train"
+    torch.manual_seed(seed)
+    x = torch.rand(8, 3, 32, 32)
+    return model, train_dir, hub.sha256_file(train_dir / "model.safetensors"), x, model(x).argmax(1)
+
+
 def test_a_release_shows_other_norms_and_corruptions_beside_its_own_threat_model(release, tmp_path):
     """Extra reports of the same weights land in the folder, on the card (their own section: the main
     table keeps the release's threat model) and, the attacks', in the hub config's metrics; reports of
     other weights, or two of one threat model, are refused with nothing written."""
     from edl_timm.evaluation import evaluate_corruptions
 
-    model, _, _, _ = release
-    train_dir = tmp_path / "train"
-    digest = hub.sha256_file(train_dir / "model.safetensors")
-    torch.manual_seed(1)
-    x = torch.rand(8, 3, 32, 32)
-    y = model(x).argmax(1)
+    model, train_dir, digest, x, y = _released_model_and_images(release, tmp_path, seed=1)
     data = {"dataset": "uoft-cs/cifar10", "split": "test", "selection": "8 random tensors"}
     main = evaluate(model, x, y, source=str(train_dir), autoattack=None, pgd_steps=2, weights_sha256=digest, data=data)
     l2 = evaluate(model, x, y, source=str(train_dir), norm="L2", autoattack=None, pgd_steps=2, weights_sha256=digest, data=data)
@@ -255,12 +260,7 @@ def test_a_report_of_the_releases_own_threat_model_joins_its_report(release, tmp
     after the first report) is not a second file: the release holds one report with both, and its card
     shows the audit's attacks. One that disagrees on a figure measured the same way is refused, with
     nothing written (combine_reports itself: tests/test_evaluation.py)."""
-    model, _, _, _ = release
-    train_dir = tmp_path / "train"
-    digest = hub.sha256_file(train_dir / "model.safetensors")
-    torch.manual_seed(2)
-    x = torch.rand(8, 3, 32, 32)
-    y = model(x).argmax(1)
+    model, train_dir, digest, x, y = _released_model_and_images(release, tmp_path, seed=2)
     kw = dict(source=str(train_dir), autoattack=None, pgd_steps=2, weights_sha256=digest,
               data={"dataset": "uoft-cs/cifar10", "split": "test", "selection": "8 random tensors"})
     first = evaluate(model, x, y, **kw)
