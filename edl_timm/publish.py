@@ -18,7 +18,7 @@ import yaml
 
 from ._files import write_atomic
 from .attacks import describe_attack
-from .evaluation.report import combine_reports
+from .evaluation.report import combine_reports, same_threat_model
 from .hub import DEFAULT_ORG, CheckpointError, check_checkpoint_folder, sha256_file, validate_hub_config
 from .objectives import TRAINING_OBJECTIVES
 
@@ -310,9 +310,7 @@ def build_release(
         )
     # an extra report of the release's own threat model (e.g. AutoAttack run again with APGD-T after
     # APGD-CE) joins the main report; the others are kept beside it
-    tm = report["threat_model"]
-    own = [r for r in extra_reports if r.get("schema") == "edl-timm/eval-report/1" and r.get("threat_model", {}).get("norm") ==
-           tm["norm"] and abs(float(r["threat_model"].get("eps", -1)) - float(tm["eps"])) < 1e-9]
+    own = [r for r in extra_reports if r.get("schema") == "edl-timm/eval-report/1" and same_threat_model(report, r)]
     for r in own:
         report = combine_reports(report, r)
     extra_reports = [r for r in extra_reports if not any(r is o for o in own)]

@@ -18,7 +18,7 @@ from .measure import (
 from .progress import Progress, fingerprint, measured
 
 __all__ = ["REPORT_SCHEMA", "validate_report", "evaluate", "format_table", "versions", "model_entry", "layout_identity",
-           "combine_reports"]
+           "combine_reports", "same_threat_model"]
 
 _log = logging.getLogger("edl_timm.evaluation")
 
@@ -227,11 +227,13 @@ def combine_reports(report: Dict[str, Any], other: Dict[str, Any]) -> Dict[str, 
     for a in (report, other):
         validate_report(a)
     for what, key in (("weights", lambda r: r["model"].get("weights_sha256")), ("model_args", lambda r: r["model"].get("model_args")),
-                      ("data", lambda r: {k: r["data"].get(k) for k in ("dataset", "split", "selection", "n")}),
-                      ("threat model", lambda r: (r["threat_model"]["norm"], round(r["threat_model"]["eps"], 12)))):
+                      ("data", lambda r: {k: r["data"].get(k) for k in ("dataset", "split", "selection", "n")})):
         if key(report) != key(other):
             raise ValueError(f"the reports differ in their {what} ({key(report)} against {key(other)}): only evaluations "
                              "of the same weights, images and threat model combine")
+    if not same_threat_model(report, other):
+        raise ValueError(f"the reports differ in their threat model ({report['threat_model']} against {other['threat_model']}): "
+                         "only evaluations of the same weights, images and threat model combine")
     if report["model"].get("weights_sha256") is None:
         raise ValueError("the reports name no weights (weights_sha256): they cannot be shown to be of the same weights")
     if report.get("audit") and other.get("audit"):
@@ -245,15 +247,13 @@ def combine_reports(report: Dict[str, Any], other: Dict[str, Any]) -> Dict[str, 
             results[r["attack"]] = r
             taken.append(r["attack"])
             continue
-        settings = {k: v for k, v in r.get("settings", {}).items() if k not in ("per_attack", "warnings", "attacks")}
-        old_settings = {k: v for k, v in old.get("settings", {}).items() if k not in ("per_attack", "warnings", "attacks")}
+        settings, old_settings = _how_measured(r), _how_measured(old)
         if r["attack"] == "autoattack":
             ours, theirs = old["settings"].get("attacks", []), r["settings"].get("attacks", [])
-            extends = lambda longer, shorter: len(longer) > len(shorter) and longer[: len(shorter)] == shorter  # noqa: E731
-            if settings != old_settings or not (ours == theirs or extends(ours, theirs) or extends(theirs, ours)):
+            if settings != old_settings or not (ours == theirs or _extends(ours, theirs) or _extends(theirs, ours)):
                 raise ValueError(f"the reports ran AutoAttack differently ({ours}, {old_settings} against {theirs}, {settings}): "
                                  "combine only a run whose attacks extend the other's, with the same settings")
-            if extends(theirs, ours):
+            if _extends(theirs, ours):
                 results["autoattack"] = r
                 taken.append("autoattack")
             if ours != theirs:
@@ -280,6 +280,23 @@ def combine_reports(report: Dict[str, Any], other: Dict[str, Any]) -> Dict[str, 
     ]
     validate_report(out)
     return out
+
+
+def same_threat_model(report: Dict[str, Any], other: Dict[str, Any]) -> bool:
+    """Whether two reports are of one threat model: the same norm and radius (to 1e-9, as a radius
+    read from "8/255" and one written as its decimal are)."""
+    a, b = report["threat_model"], other.get("threat_model", {})
+    return a["norm"] == b.get("norm") and abs(float(a["eps"]) - float(b.get("eps", -1))) < 1e-9
+
+
+def _how_measured(result: Dict[str, Any]) -> Dict[str, Any]:
+    """A result's settings less what its run found (AutoAttack's per-attack figures and warnings) and
+    its attack list, which combine_reports compares on its own."""
+    return {k: v for k, v in result.get("settings", {}).items() if k not in ("per_attack", "warnings", "attacks")}
+
+
+def _extends(longer: List[str], shorter: List[str]) -> bool:
+    return len(longer) > len(shorter) and longer[: len(shorter)] == shorter
 
 
 def format_table(report: Dict[str, Any]) -> str:
